@@ -1,0 +1,117 @@
+"""Typed dataclass configs, named presets, YAML files and --set key=value overrides."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class PretrainConfig:
+    """Training the embedded teacher: a text-conditional pixel UNet on coloured Fashion-MNIST."""
+
+    out: str = "runs/teacher"  # run folder: checkpoints, sample grids, the exported model in model/
+    variant: str = "tiny"  # network size, a key of models.UNET_VARIANTS
+    resolution: int = 16  # image side in pixels
+    data_dir: str | None = None  # folder with Fashion-MNIST gz IDX files (default: Debian's package)
+    seed: int = 0  # seeds init, data order, noise and caption dropout
+    batch_size: int = 128  # images per update
+    lr: float = 4e-4  # AdamW learning rate (constant after warm-up)
+    warmup_steps: int = 500  # linear learning-rate warm-up
+    weight_decay: float = 0.0  # AdamW weight decay
+    max_steps: int = 8000  # total updates
+    ema_decay: float = 0.999  # EMA of the weights; the exported teacher is the EMA
+    cond_drop: float = 0.1  # probability of replacing the caption by "" (trains the unconditional branch for CFG)
+    guidance_scale: float = 3.0  # default CFG scale stored with the teacher
+    beta_schedule: str = "scaled_linear"  # 'scaled_linear' (SD/Emu) or 'linear'
+    beta_start: float = 0.00085  # first beta
+    beta_end: float = 0.012  # last beta
+    num_train_timesteps: int = 1000  # T
+    ckpt_every: int = 500  # steps between checkpoints (and model exports)
+    sample_every: int = 1000  # steps between sample grids
+    log_every: int = 50  # steps between log lines in log.csv
+    threads: int = 0  # torch threads (0: leave torch's default)
+
+
+def schedule_config(cfg) -> dict:
+    return {"num_train_timesteps": cfg.num_train_timesteps, "beta_start": cfg.beta_start, "beta_end": cfg.beta_end,
+            "beta_schedule": cfg.beta_schedule}
+
+
+def _coerce(tp, value: str, key: str):
+    origin = typing.get_origin(tp)
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if value in ("None", "null") and (origin is typing.Union or str(origin) == "types.UnionType"):
+        return None
+    if args and origin is not None and origin not in (list, tuple):
+        tp = args[0]
+    try:
+        if tp is bool:
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if tp in (int, float, str):
+            return tp(value)
+        if origin in (list, tuple) or tp in (list, tuple):
+            import yaml
+            v = yaml.safe_load(value)
+            return type(v)(v) if isinstance(v, (list, tuple)) else [v]
+    except ValueError:
+        raise ConfigError(f"--set {key}={value}: expected {getattr(tp, '__name__', tp)}") from None
+    return value
+
+
+def apply_overrides(cfg, overrides: dict, source: str):
+    """Set fields from a dict (YAML or --set), with one-line errors for unknown keys or bad types."""
+    hints = typing.get_type_hints(type(cfg))
+    names = {f.name for f in dataclasses.fields(cfg)}
+    for key, value in overrides.items():
+        if key not in names:
+            raise ConfigError(f"{source}: unknown option {key!r} (known: {', '.join(sorted(names))})")
+        if isinstance(value, str):
+            value = _coerce(hints[key], value, key)
+        elif isinstance(value, list) and typing.get_origin(hints[key]) is tuple:
+            value = tuple(value)
+        setattr(cfg, key, value)
+    return cfg
+
+
+def load_yaml(path: str) -> dict:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} malformed YAML ({getattr(e, 'problem', None) or e})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of option: value at the top level")
+    return data
+
+
+def parse_sets(sets: list[str]) -> dict:
+    out = {}
+    for s in sets or []:
+        if "=" not in s:
+            raise ConfigError(f"--set {s}: expected key=value")
+        k, v = s.split("=", 1)
+        out[k.strip().replace("-", "_")] = v
+    return out
+
+
+def save_config(cfg, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(dataclasses.asdict(cfg), indent=2, default=str))

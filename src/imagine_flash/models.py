@@ -1,0 +1,89 @@
+"""Network variants (a dict feeds the CLI, as in DiT) and loading/saving of model folders. Networks know no diffusion."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+# Small text-conditional pixel UNets for the embedded default. Cross-attention sits at the 4x4 level and the
+# mid block only: measured on 2 cores at 16x16, batch 64, this is the fastest variant we tried (0.078 s forward,
+# 2.7M params) against cross-attention at 8x8 (0.106 s) and at all levels (0.34 s at batch 128).
+UNET_VARIANTS = {
+    "tiny": dict(block_out_channels=(32, 64, 96), layers_per_block=1, attention_head_dim=8, norm_num_groups=8,
+                 down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D")),
+    "micro": dict(block_out_channels=(16, 32), layers_per_block=1, attention_head_dim=8, norm_num_groups=8,
+                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                  up_block_types=("CrossAttnUpBlock2D", "UpBlock2D")),  # for tests
+}
+
+META_FILE = "imagine_flash.json"
+
+
+def build_unet(variant: str, resolution: int, channels: int = 3, cross_attention_dim: int = 384):
+    from diffusers import UNet2DConditionModel
+
+    if variant not in UNET_VARIANTS:
+        raise ValueError(f"unknown model variant {variant!r}; choose one of {sorted(UNET_VARIANTS)}")
+    return UNet2DConditionModel(sample_size=resolution, in_channels=channels, out_channels=channels,
+                                cross_attention_dim=cross_attention_dim, **UNET_VARIANTS[variant])
+
+
+class ModelFolderError(ValueError):
+    pass
+
+
+def save_model_folder(out: str | Path, unet, schedule_config: dict, meta: dict) -> None:
+    """A diffusers-format folder: unet/ (safetensors), scheduler/ config, and imagine_flash.json metadata."""
+    from diffusers import DDIMScheduler
+
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        import shutil
+        shutil.rmtree(tmp)
+    getattr(unet, "module", unet).save_pretrained(tmp / "unet", safe_serialization=True)
+    DDIMScheduler(**schedule_config, prediction_type="epsilon", clip_sample=False,
+                  timestep_spacing="trailing").save_pretrained(tmp / "scheduler")
+    (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+    _replace_dir(tmp, out)
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Swap a finished folder into place so a killed write never leaves a broken one."""
+    import shutil
+    old = out.with_name(out.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def load_model_folder(path: str | Path, dtype=torch.float32):
+    """(unet, schedule_config, meta) from a folder saved by save_model_folder, or a one-line ModelFolderError."""
+    from diffusers import UNet2DConditionModel
+
+    path = Path(path)
+    unet_dir = path / "unet"
+    if not (unet_dir / "config.json").is_file():
+        raise ModelFolderError(f"{path} is not a model folder: {unet_dir}/config.json is missing")
+    if not any(unet_dir.glob("*.safetensors")):
+        raise ModelFolderError(f"{unet_dir} has no .safetensors weights (only safetensors are loaded)")
+    try:
+        unet = UNet2DConditionModel.from_pretrained(unet_dir, use_safetensors=True, torch_dtype=dtype)
+    except Exception as e:  # diffusers raises many kinds here
+        raise ModelFolderError(f"{unet_dir} is not a diffusers UNet2DConditionModel: {str(e).splitlines()[0]}") from e
+    sched_file = path / "scheduler" / "scheduler_config.json"
+    sched = json.loads(sched_file.read_text()) if sched_file.is_file() else {}
+    pred = sched.get("prediction_type", "epsilon")
+    if pred != "epsilon":
+        raise ModelFolderError(f"{sched_file}: prediction_type is {pred!r}; the teacher must be an epsilon model")
+    schedule_config = {k: sched.get(k, d) for k, d in (("num_train_timesteps", 1000), ("beta_start", 0.00085),
+                                                       ("beta_end", 0.012), ("beta_schedule", "scaled_linear"))}
+    meta_file = path / META_FILE
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    return unet, schedule_config, meta

@@ -1,0 +1,124 @@
+"""`imagine-flash pretrain`: train the embedded teacher (eps-prediction, caption dropout for CFG)."""
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .config import PretrainConfig, save_config, schedule_config
+from .data.fashion import COLORS, CLASSES, ColoredFashion, caption
+from .data.text import MiniLMTextEncoder
+from .denoisers import Denoiser
+from .models import build_unet, save_model_folder
+from .sampling import scheduler_sample, teacher_scheduler
+from .schedule import make_schedule, q_sample
+from .viz import grid_image, save_png
+
+
+def grid_prompts() -> list[str]:
+    """One prompt per (class, colour): 10 rows of classes x 8 colour columns."""
+    return [caption(c, k) for k in range(len(CLASSES)) for c in range(len(COLORS))]
+
+
+@torch.no_grad()
+def teacher_grid(denoiser, text, sched_cfg, resolution: int, steps: int = 25, seed: int = 0) -> torch.Tensor:
+    prompts = grid_prompts()
+    g = torch.Generator().manual_seed(seed)
+    x_T = torch.randn(len(prompts), 3, resolution, resolution, generator=g)
+    return scheduler_sample(denoiser, teacher_scheduler("dpmpp", sched_cfg), x_T, text(prompts), steps)
+
+
+def _save_ckpt(run: Path, step: int, unet, ema, opt, rng_data: torch.Tensor) -> None:
+    from safetensors.torch import save_file
+
+    tmp = run / "ckpt.tmp"
+    tmp.mkdir(exist_ok=True)
+    save_file(unet.state_dict(), tmp / "unet.safetensors")
+    save_file(ema.state_dict(), tmp / "ema.safetensors")
+    torch.save({"opt": opt.state_dict(), "step": step, "rng": torch.get_rng_state(), "perm_seed": rng_data}, tmp / "state.pt")
+    from .models import _replace_dir
+    _replace_dir(tmp, run / "ckpt")
+
+
+def pretrain(cfg: PretrainConfig, resume: bool = False) -> Path:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    run = Path(cfg.out)
+    run.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run / "config.json")
+    torch.manual_seed(cfg.seed)
+    data = ColoredFashion("train", cfg.resolution, cfg.seed, cfg.data_dir)
+    text = MiniLMTextEncoder()
+    text(sorted(set(data.captions)) + [""])  # fill the cache once
+    null = text([""])
+    sched_cfg = schedule_config(cfg)
+    schedule = make_schedule(**sched_cfg)
+    unet = build_unet(cfg.variant, cfg.resolution)
+    ema = copy.deepcopy(unet).requires_grad_(False)
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    step = 0
+    if resume and (run / "ckpt").is_dir():
+        from safetensors.torch import load_file
+        unet.load_state_dict(load_file(run / "ckpt" / "unet.safetensors"))
+        ema.load_state_dict(load_file(run / "ckpt" / "ema.safetensors"))
+        st = torch.load(run / "ckpt" / "state.pt", weights_only=True)
+        opt.load_state_dict(st["opt"])
+        step = st["step"]
+        torch.set_rng_state(st["rng"])
+    meta = {"kind": "imagine-flash teacher", "text_encoder": "all-MiniLM-L6-v2 (per-token, 16 tokens)",
+            "resolution": cfg.resolution, "guidance_scale": cfg.guidance_scale, "variant": cfg.variant,
+            "dataset": "colored-fashion-mnist"}
+    log = open(run / "log.csv", "a", newline="")
+    writer = csv.writer(log)
+    N = len(data)
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="pretrain", dynamic_ncols=True)
+    t0 = time.time()
+    while step < cfg.max_steps:
+        # Data order: a permutation per epoch, seeded by epoch, so resume continues the same order.
+        epoch, pos = divmod(step * cfg.batch_size, N)
+        perm = torch.randperm(N, generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
+        idx = perm[pos:pos + cfg.batch_size]
+        x0 = data.images[idx]
+        B = x0.shape[0]
+        cond = text([data.captions[i] for i in idx.tolist()])
+        drop = torch.rand(B) < cfg.cond_drop
+        cond.hidden = torch.where(drop[:, None, None], null.hidden.expand(B, -1, -1), cond.hidden)
+        cond.mask = torch.where(drop[:, None], null.mask.expand(B, -1), cond.mask)
+        t = torch.randint(0, cfg.num_train_timesteps, (B,))
+        eps = torch.randn_like(x0)
+        x_t = q_sample(x0, eps, schedule.alpha(t), schedule.sigma(t))
+        eps_hat = Denoiser(unet, schedule)(x_t, t, cond)
+        loss = (eps_hat - eps).square().mean()
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            for pe, p in zip(ema.parameters(), unet.parameters()):
+                pe.lerp_(p, 1 - cfg.ema_decay)
+        step += 1
+        bar.update(1)
+        if step % cfg.log_every == 0:
+            lv = loss.item()
+            bar.set_postfix(loss=f"{lv:.4f}")
+            writer.writerow([step, f"{lv:.5f}", f"{time.time() - t0:.1f}"])
+            log.flush()
+            if not torch.isfinite(loss):
+                raise RuntimeError(f"loss became {lv} at step {step}; the last good checkpoint is in {run / 'ckpt'}")
+        if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
+            _save_ckpt(run, step, unet, ema, opt, torch.tensor(cfg.seed))
+            save_model_folder(run / "model", ema, sched_cfg, {**meta, "steps": step})
+        if step % cfg.sample_every == 0 or step == cfg.max_steps:
+            den = Denoiser(ema, schedule, guidance_scale=cfg.guidance_scale, null_cond=null)
+            save_png(grid_image(teacher_grid(den, text, sched_cfg, cfg.resolution), ncol=len(COLORS), scale=3),
+                     run / "samples" / f"step{step:07d}.png")
+    bar.close()
+    (run / "done.json").write_text(json.dumps({"steps": step, "minutes": (time.time() - t0) / 60}))
+    return run / "model"

@@ -1,0 +1,96 @@
+"""Samplers over the denoiser interface: the few-step student sampler with noise correction, and teacher solvers."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .denoisers import Cond
+from .schedule import Schedule, ddim_step, noise_corrected_step, x0_from_eps
+
+
+def flash_step(denoiser, x_t: torch.Tensor, t, t_next, x_T: torch.Tensor, cond: Cond, schedule: Schedule,
+               noise_correction: bool, is_first) -> tuple[torch.Tensor, torch.Tensor]:
+    """One student step (Eq. 4, or Eq. 9 at t = T): returns (x_{t'}, x0_hat). t_next = -1 means the clean end."""
+    eps_hat = denoiser(x_t, t, cond)
+    a_t, s_t = schedule.alpha(t), schedule.sigma(t)
+    x0_hat = x0_from_eps(x_t, eps_hat, a_t, s_t)
+    a_n, s_n = schedule.alpha(t_next), schedule.sigma(t_next)
+    if noise_correction:
+        return noise_corrected_step(x0_hat, eps_hat, x_T, a_n, s_n, is_first), x0_hat
+    return ddim_step(x0_hat, eps_hat, a_n, s_n), x0_hat
+
+
+def next_timesteps(timesteps: Sequence[int]) -> list[int]:
+    """The t' of each step: the next timestep in the list, and -1 (clean) after the last."""
+    return list(timesteps[1:]) + [-1]
+
+
+@torch.no_grad()
+def flash_sample(denoiser, x_T: torch.Tensor, cond: Cond, timesteps: Sequence[int], schedule: Schedule,
+                 noise_correction: bool = True) -> torch.Tensor:
+    """Few-step sampling from pure noise x_T with Eq. 4 updates and Eq. 9 noise correction at the first step."""
+    x = x_T
+    for i, (t, t_next) in enumerate(zip(timesteps, next_timesteps(timesteps))):
+        x, x0_hat = flash_step(denoiser, x, t, t_next, x_T, cond, schedule, noise_correction, i == 0)
+    return x  # after the last step, alpha = 1, sigma = 0: x equals x0_hat
+
+
+@torch.no_grad()
+def rollout(denoiser, x_T: torch.Tensor, cond: Cond, timesteps: Sequence[int], schedule: Schedule,
+            step_index: torch.Tensor, noise_correction: bool = True) -> torch.Tensor:
+    """§4.1 backward rollout: x_{T->t_i} for each sample's own step index i (B,), by the inference update.
+
+    Runs steps 0..max(i)-1 on the whole batch from pure noise and keeps, per sample, the state reached at its i.
+    Uses no data: the states come only from x_T and the denoiser's outputs.
+    """
+    x, out = x_T, x_T.clone()
+    n = int(step_index.max()) if step_index.numel() else 0
+    for j in range(n):
+        x, _ = flash_step(denoiser, x, timesteps[j], timesteps[j + 1], x_T, cond, schedule, noise_correction, j == 0)
+        out = torch.where((step_index == j + 1).view(-1, *[1] * (x.ndim - 1)), x, out)
+    return out
+
+
+@torch.no_grad()
+def ddim_sample(denoiser, x_t: torch.Tensor, cond: Cond, timesteps: torch.Tensor, schedule: Schedule) -> torch.Tensor:
+    """DDIM (Eq. 4) through per-sample timesteps (B, k); returns x0_hat at the last one (the SRL teacher target)."""
+    timesteps = torch.as_tensor(timesteps)
+    if timesteps.ndim == 1:
+        timesteps = timesteps.expand(x_t.shape[0], -1)
+    x = x_t
+    for j in range(timesteps.shape[1]):
+        t = timesteps[:, j]
+        eps_hat = denoiser(x, t, cond)
+        x0_hat = x0_from_eps(x, eps_hat, schedule.alpha(t), schedule.sigma(t))
+        if j + 1 < timesteps.shape[1]:
+            t_next = timesteps[:, j + 1]
+            x = ddim_step(x0_hat, eps_hat, schedule.alpha(t_next), schedule.sigma(t_next))
+    return x0_hat
+
+
+@torch.no_grad()
+def scheduler_sample(denoiser, scheduler, x_T: torch.Tensor, cond: Cond, num_steps: int | None = None,
+                     timesteps: Sequence[int] | None = None, generator=None) -> torch.Tensor:
+    """Sample with any diffusers scheduler (DPM-Solver++, DDIM, FlashScheduler) driving the denoiser."""
+    scheduler.set_timesteps(num_inference_steps=None if timesteps is not None else num_steps,
+                            timesteps=list(timesteps) if timesteps is not None else None)
+    x = x_T * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        eps_hat = denoiser(scheduler.scale_model_input(x, t), t, cond)
+        x = scheduler.step(eps_hat, t, x, generator=generator).prev_sample
+    return x
+
+
+def teacher_scheduler(kind: str, schedule_config: dict):
+    """A diffusers solver for the teacher: 'dpmpp' (DPM-Solver++ 2M) or 'ddim', on the teacher's schedule."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    cfg = {k: schedule_config[k] for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")}
+    if kind == "dpmpp":
+        return DPMSolverMultistepScheduler(**cfg, algorithm_type="dpmsolver++", solver_order=2,
+                                           prediction_type="epsilon", final_sigmas_type="zero")
+    if kind == "ddim":
+        return DDIMScheduler(**cfg, prediction_type="epsilon", clip_sample=False, set_alpha_to_one=True,
+                             timestep_spacing="trailing")
+    raise ValueError(f"unknown teacher solver {kind!r}: use 'dpmpp' or 'ddim'")

@@ -1,0 +1,103 @@
+"""Discrete variance-preserving diffusion schedule and its update rules: the math, written once.
+
+Notation follows the paper (§3): x_t = alpha_t x0 + sigma_t eps, with alpha_t^2 + sigma_t^2 = 1.
+Timesteps are integers 0..T-1 as in SD/Emu (T = 1000). Everything here is a pure function of tensors.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+STUDENT_TIMESTEPS = {3: (999, 750, 500), 2: (999, 666), 1: (999,)}  # §5.1 of the paper
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """alpha_t and sigma_t of a discrete VP process, indexed by integer timestep."""
+
+    alphas_cumprod: torch.Tensor  # (T,) float64, \bar{alpha}_t
+
+    @property
+    def T(self) -> int:
+        return self.alphas_cumprod.shape[0]
+
+    def alpha(self, t: torch.Tensor | int) -> torch.Tensor:
+        """alpha_t = sqrt(abar_t); t = -1 means the clean end (alpha = 1)."""
+        return _lookup(self.alphas_cumprod.sqrt(), t, 1.0)
+
+    def sigma(self, t: torch.Tensor | int) -> torch.Tensor:
+        """sigma_t = sqrt(1 - abar_t); t = -1 means the clean end (sigma = 0)."""
+        return _lookup((1 - self.alphas_cumprod).sqrt(), t, 0.0)
+
+
+def _lookup(table: torch.Tensor, t, end_value: float) -> torch.Tensor:
+    t = torch.as_tensor(t, dtype=torch.long)
+    out = table[t.clamp(min=0).cpu()]
+    return torch.where(t.cpu() < 0, torch.full_like(out, end_value), out)
+
+
+def make_schedule(num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012,
+                  beta_schedule: str = "scaled_linear") -> Schedule:
+    """The SD/Emu schedule: scaled-linear betas (non-zero terminal SNR); 'linear' is the DDPM one."""
+    if beta_schedule == "scaled_linear":
+        betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64) ** 2
+    elif beta_schedule == "linear":
+        betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64)
+    else:
+        raise ValueError(f"unknown beta_schedule {beta_schedule!r}; use 'scaled_linear' or 'linear'")
+    return Schedule(torch.cumprod(1.0 - betas, dim=0))
+
+
+def bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Reshape a per-sample (B,) or scalar coefficient to broadcast over x (B, C, H, W), in x's dtype."""
+    v = torch.as_tensor(v).to(device=x.device, dtype=x.dtype)
+    return v.reshape(-1, *([1] * (x.ndim - 1))) if v.ndim else v
+
+
+def q_sample(x0: torch.Tensor, eps: torch.Tensor, alpha_t, sigma_t) -> torch.Tensor:
+    """Eq. 1, forward noising: x_t = alpha_t x0 + sigma_t eps."""
+    return bcast(alpha_t, x0) * x0 + bcast(sigma_t, x0) * eps
+
+
+def x0_from_eps(x_t: torch.Tensor, eps_hat: torch.Tensor, alpha_t, sigma_t) -> torch.Tensor:
+    """Eq. 5, data estimate: x0_hat = (x_t - sigma_t eps_hat) / alpha_t."""
+    return (x_t - bcast(sigma_t, x_t) * eps_hat) / bcast(alpha_t, x_t)
+
+
+def eps_from_x0(x_t: torch.Tensor, x0_hat: torch.Tensor, alpha_t, sigma_t) -> torch.Tensor:
+    """Eq. 5 solved for eps: eps_hat = (x_t - alpha_t x0_hat) / sigma_t."""
+    return (x_t - bcast(alpha_t, x_t) * x0_hat) / bcast(sigma_t, x_t)
+
+
+def eps_from_v(x_t: torch.Tensor, v: torch.Tensor, alpha_t, sigma_t) -> torch.Tensor:
+    """v-prediction to eps: eps = sigma_t x_t + alpha_t v (Salimans & Ho 2022)."""
+    return bcast(sigma_t, x_t) * x_t + bcast(alpha_t, x_t) * v
+
+
+def ddim_step(x0_hat: torch.Tensor, eps_hat: torch.Tensor, alpha_prev, sigma_prev) -> torch.Tensor:
+    """Eq. 4, DDIM update: x_{t'} = alpha_{t'} x0_hat + sigma_{t'} eps_hat."""
+    return bcast(alpha_prev, x0_hat) * x0_hat + bcast(sigma_prev, x0_hat) * eps_hat
+
+
+def noise_corrected_step(x0_hat: torch.Tensor, eps_hat: torch.Tensor, x_T: torch.Tensor, alpha_prev, sigma_prev,
+                         is_first: bool | torch.Tensor) -> torch.Tensor:
+    """Eq. 9, noise correction: at t = T the true noise x_T replaces eps_hat in the sigma term."""
+    eps = torch.where(bcast(torch.as_tensor(is_first), x_T).bool(), x_T, eps_hat)
+    return ddim_step(x0_hat, eps, alpha_prev, sigma_prev)
+
+
+def gamma_shift(t: torch.Tensor, table: tuple[tuple[int, int], ...] = ((900, 990), (500, 950), (-1, 200))) -> torch.Tensor:
+    """§5.1 shifting function gamma(t) of SRL: gamma(t>900)=990, gamma(900>=t>500)=950, gamma(t<=500)=200."""
+    t = torch.as_tensor(t)
+    out = torch.full_like(t, table[-1][1])
+    for threshold, value in reversed(table):  # later (larger) thresholds overwrite
+        out = torch.where(t > threshold, torch.full_like(t, value), out)
+    return out
+
+
+def uniform_timesteps(t_start, k: int) -> torch.Tensor:
+    """k time-uniform teacher steps from t_start down toward 0: t_start, t_start - t_start/k, ... (B, k) long."""
+    t_start = torch.as_tensor(t_start, dtype=torch.float64).reshape(-1, 1)
+    frac = torch.arange(k, dtype=torch.float64) / k
+    return (t_start * (1 - frac)).round().long()
