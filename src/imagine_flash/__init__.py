@@ -1,1 +1,2 @@
 """imagine-flash."""
+from .scheduler import FlashScheduler

@@ -36,33 +36,130 @@ def cmd_pretrain(args) -> None:
     print(pretrain(cfg, resume=args.resume))
 
 
+def cmd_sample(args) -> None:
+    import math
+
+    from .generate import ModelRunner
+    from .viz import grid_image, save_png
+
+    if args.num_images < 1:
+        raise ConfigError_("--num-images must be at least 1")
+    runner = ModelRunner(args.model)
+    if args.no_noise_correction and not runner.is_student:
+        solver = "flash"  # the student sampler without Eq. 9 on a teacher, for comparisons
+    else:
+        solver = None
+    images, seconds = runner.sample([args.prompt] * args.num_images, list(range(args.seed, args.seed + args.num_images)),
+                                    steps=args.steps, guidance_scale=args.guidance_scale, solver=solver,
+                                    noise_correction=False if args.no_noise_correction else None)
+    ncol = min(args.num_images, max(1, math.ceil(math.sqrt(args.num_images))))
+    save_png(grid_image(images, ncol=ncol, scale=args.scale), args.out)
+    kind = "student" if runner.is_student else "teacher"
+    print(f"wrote {args.out}: {args.num_images} image(s) from the {kind} in {seconds:.2f}s")
+
+
+def cmd_distill(args) -> None:
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    from .config import DistillConfig, resolve_variant
+    from .train import distill
+
+    cfg = DistillConfig()
+    direct = {"student_steps": args.student_steps, "max_steps": args.max_steps, "eval_samples": args.eval_samples,
+              "seed": args.seed, "out": args.out, "teacher": args.teacher, "dataset": args.dataset,
+              "method": args.method, "variant": args.variant}
+    cfg = _resolve(cfg, args, direct)
+    if args.out is None and not any(s.startswith("out=") for s in args.set):
+        cfg.out = f"runs/{cfg.method}-{cfg.variant}-{cfg.student_steps}step"
+    resolve_variant(cfg)
+    if args.teacher is not None and not Path(args.teacher).exists():
+        raise FileNotFoundError(f"--teacher {args.teacher}: no such folder")
+    print(json.dumps(dataclasses.asdict(cfg), indent=2))
+    if args.dry_run:
+        return
+    student = distill(cfg, resume=args.resume)
+    print(f"student written to {student}")
+    if cfg.eval_samples > 0:
+        from .eval.metrics import evaluate_run
+        metrics = evaluate_run(cfg, student)
+        print(json.dumps(metrics, indent=2))
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse that reports bad input in one line (no usage dump), exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="imagine-flash", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
+    p = _OneLineParser(prog="imagine-flash", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_OneLineParser)
     pt = sub.add_parser("pretrain", help="train the small embedded teacher on coloured Fashion-MNIST")
     pt.add_argument("--out", help="run folder (default runs/teacher)")
     pt.add_argument("--max-steps", type=int, help="number of updates")
     pt.add_argument("--seed", type=int, help="random seed")
     _add_config_args(pt)
     pt.set_defaults(fn=cmd_pretrain)
+
+    ds = sub.add_parser("distill", help="distil the teacher into a few-step student (default: the embedded job)")
+    ds.add_argument("--student-steps", type=int, choices=(1, 2, 3), help="student steps (default 3)")
+    ds.add_argument("--max-steps", type=int, help="student updates")
+    ds.add_argument("--eval-samples", type=int, help="images per model for metrics.json (0: skip)")
+    ds.add_argument("--seed", type=int, help="random seed")
+    ds.add_argument("--out", help="run folder (default runs/<method>-<variant>-<n>step)")
+    ds.add_argument("--teacher", help="teacher model folder (default: the shipped teacher)")
+    ds.add_argument("--dataset", help="imagefolder with metadata.jsonl or .txt captions (default: embedded data)")
+    ds.add_argument("--method", help="distillation method (default flash)")
+    ds.add_argument("--variant", help="ablation: full, no-nc, no-disc, no-backward, no-srl")
+    _add_config_args(ds)
+    ds.set_defaults(fn=cmd_distill)
+
+    sp = sub.add_parser("sample", help="write an image grid from a teacher or student folder")
+    sp.add_argument("--model", help="model folder (default: the shipped teacher)")
+    sp.add_argument("--prompt", required=True, help="text prompt")
+    sp.add_argument("--steps", type=int, help="steps (teacher: DPM-Solver++ steps; student: its trained steps)")
+    sp.add_argument("--num-images", type=int, default=8, help="images in the grid (seeds S..S+K-1)")
+    sp.add_argument("--seed", type=int, default=0, help="first seed")
+    sp.add_argument("--guidance-scale", type=float, help="CFG scale (teacher default: its own; student: 1)")
+    sp.add_argument("--no-noise-correction", action="store_true", help="sample without Eq. 9 noise correction")
+    sp.add_argument("--scale", type=int, default=4, help="pixel upscaling of the grid cells")
+    sp.add_argument("--out", required=True, help="output PNG")
+    sp.set_defaults(fn=cmd_sample)
     return p
 
 
-class _Parser(argparse.ArgumentParser):
-    pass
+def ConfigError_(msg):
+    from .config import ConfigError
+    return ConfigError(msg)
 
 
 def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
     from .data.fashion import DataMissingError
     from .models import ModelFolderError
+    from .train import NonFiniteLoss
 
     args = build_parser().parse_args(argv)
+    user_errors = (ConfigError, DataMissingError, ModelFolderError, FileNotFoundError, NotADirectoryError)
+    try:
+        from .data.imagefolder import DatasetError
+        user_errors += (DatasetError,)
+    except ImportError:
+        pass
     try:
         args.fn(args)
-    except (ConfigError, DataMissingError, ModelFolderError, FileNotFoundError) as e:
+    except user_errors as e:
         print(f"imagine-flash {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteLoss as e:
+        print(f"imagine-flash {args.command}: stopped: {e}", file=sys.stderr)
+        return 3
+    except OSError as e:  # e.g. a full disk: earlier checkpoints are untouched (writes go to *.tmp first)
+        print(f"imagine-flash {args.command}: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"imagine-flash {args.command}: interrupted; the latest checkpoint is kept, rerun with --resume",
               file=sys.stderr)

@@ -115,3 +115,63 @@ def parse_sets(sets: list[str]) -> dict:
 
 def save_config(cfg, path: str | Path) -> None:
     Path(path).write_text(json.dumps(dataclasses.asdict(cfg), indent=2, default=str))
+
+
+VARIANTS = {  # paper Table 3 ablations as config switches
+    "full": {},
+    "no-nc": {"noise_correction": False},  # no noise correction, in training rollouts and at inference
+    "no-disc": {"adv_weight": 0.0},  # no discriminator
+    "no-backward": {"backward": False},  # forward distillation: the student's input is forward-noised data
+    "no-srl": {"reconstruction": "none"},  # discriminator only, no reconstruction loss
+}
+
+
+@dataclass
+class DistillConfig:
+    """Distilling a teacher into a few-step student with one of the methods of the one training loop."""
+
+    out: str = "runs/flash"  # run folder: checkpoints, samples, logs, the student in student/, metrics.json
+    teacher: str | None = None  # teacher model folder (default: the shipped embedded teacher)
+    dataset: str | None = None  # None/'fashion' = embedded coloured Fashion-MNIST, or an imagefolder path
+    method: str = "flash"  # the loss plugged into the loop: flash (more methods plug in the same way)
+    variant: str = "full"  # a Table 3 ablation: full, no-nc, no-disc, no-backward, no-srl
+    student_steps: int = 3  # number of student steps; picks the paper's timesteps for 1, 2, 3
+    student_timesteps: tuple | None = None  # explicit student timesteps, overriding student_steps' defaults
+    noise_correction: bool = True  # Eq. 9 in the training rollouts and at inference
+    backward: bool = True  # §4.1 backward distillation (False: forward-noised real data)
+    reconstruction: str = "srl"  # 'srl' (Eq. 8), 'eq7' (Eq. 7, no shift) or 'none'
+    k: int = 8  # teacher DDIM steps for the target
+    gamma_table: tuple = ((900, 990), (500, 950), (-1, 200))  # SRL gamma(t): (threshold, value), value if t > threshold
+    guidance_scale: float | None = None  # teacher CFG scale for targets (default: the teacher's own)
+    rollout_weights: str = "live"  # which student weights run the no-grad rollout: 'live' or 'ema'
+    batch_size: int = 32  # global batch (split across processes)
+    grad_accum: int = 1  # gradient accumulation steps
+    lr: float = 2e-5  # student Adam learning rate
+    adam_betas: tuple = (0.9, 0.999)  # student Adam betas
+    adv_weight: float = 0.05  # weight of the adversarial generator term (0 turns the discriminator off)
+    disc_lr: float = 1e-4  # discriminator Adam learning rate (paper: 1e-4)
+    disc_betas: tuple = (0.0, 0.99)  # discriminator Adam betas
+    disc_t_max: int = 500  # real and fake are re-noised to t_d ~ U[0, disc_t_max] before the discriminator
+    disc_warmup: int = 0  # steps before the adversarial term enters the generator loss
+    max_steps: int = 600  # student updates
+    ema_decay: float = 0.99  # EMA of the student; the exported student is the EMA
+    grad_clip: float = 1.0  # max gradient norm
+    mixed_precision: str = "no"  # accelerate mixed precision: no, fp16, bf16
+    seed: int = 0  # seeds every random draw (per step, per process)
+    ckpt_every: int = 100  # steps between checkpoints (atomic; 'ckpt' is always complete)
+    sample_every: int = 200  # steps between teacher/student sample grids
+    log_every: int = 10  # steps between log rows (and NaN checks)
+    eval_samples: int = 500  # generated images per model for metrics.json (0 skips the evaluation)
+    eval_teacher_steps: int = 25  # DPM-Solver++ steps of the teacher row in metrics.json
+    fid_reference: int = 2000  # real test images for the FID reference statistics (cached)
+    eval_batch: int = 250  # generation batch size for evaluation and timing
+    threads: int = 0  # torch threads (0: leave torch's default)
+    resolution: int | None = None  # training resolution for user datasets (default: the teacher's sample size)
+
+
+def resolve_variant(cfg: DistillConfig) -> DistillConfig:
+    if cfg.variant not in VARIANTS:
+        raise ConfigError(f"unknown variant {cfg.variant!r}; choose one of {', '.join(VARIANTS)}")
+    for k, v in VARIANTS[cfg.variant].items():
+        setattr(cfg, k, v)
+    return cfg

@@ -34,20 +34,31 @@ class ModelFolderError(ValueError):
     pass
 
 
-def save_model_folder(out: str | Path, unet, schedule_config: dict, meta: dict) -> None:
+def save_model_folder(out: str | Path, unet, schedule_config: dict, meta: dict, scheduler=None) -> None:
     """A diffusers-format folder: unet/ (safetensors), scheduler/ config, and imagine_flash.json metadata."""
     from diffusers import DDIMScheduler
 
+    if scheduler is None:
+        scheduler = DDIMScheduler(**schedule_config, prediction_type="epsilon", clip_sample=False,
+                                  timestep_spacing="trailing")
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
         import shutil
         shutil.rmtree(tmp)
     getattr(unet, "module", unet).save_pretrained(tmp / "unet", safe_serialization=True)
-    DDIMScheduler(**schedule_config, prediction_type="epsilon", clip_sample=False,
-                  timestep_spacing="trailing").save_pretrained(tmp / "scheduler")
+    scheduler.save_pretrained(tmp / "scheduler")
     (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
     _replace_dir(tmp, out)
+
+
+def save_student(out: str | Path, unet, schedule_config: dict, timesteps, noise_correction: bool, meta: dict) -> None:
+    """A student folder whose scheduler is FlashScheduler with its trained timesteps and noise correction fixed."""
+    from .scheduler import FlashScheduler
+
+    sched = FlashScheduler(**schedule_config, noise_correction=noise_correction, timesteps=list(timesteps))
+    save_model_folder(out, unet, schedule_config, {**meta, "timesteps": list(timesteps),
+                                                   "noise_correction": noise_correction}, scheduler=sched)
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:

@@ -38,9 +38,11 @@ def _lookup(table: torch.Tensor, t, end_value: float) -> torch.Tensor:
 
 
 def make_schedule(num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012,
-                  beta_schedule: str = "scaled_linear") -> Schedule:
+                  beta_schedule: str = "scaled_linear", trained_betas=None) -> Schedule:
     """The SD/Emu schedule: scaled-linear betas (non-zero terminal SNR); 'linear' is the DDPM one."""
-    if beta_schedule == "scaled_linear":
+    if trained_betas is not None:  # explicit betas, as diffusers schedulers accept them
+        betas = torch.as_tensor(trained_betas, dtype=torch.float64)
+    elif beta_schedule == "scaled_linear":
         betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64) ** 2
     elif beta_schedule == "linear":
         betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64)
@@ -51,7 +53,7 @@ def make_schedule(num_train_timesteps: int = 1000, beta_start: float = 0.00085, 
 
 def bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Reshape a per-sample (B,) or scalar coefficient to broadcast over x (B, C, H, W), in x's dtype."""
-    v = torch.as_tensor(v).to(device=x.device, dtype=x.dtype)
+    v = torch.as_tensor(v, dtype=x.dtype, device=x.device)  # python floats straight to x's dtype, not via float32
     return v.reshape(-1, *([1] * (x.ndim - 1))) if v.ndim else v
 
 
@@ -73,6 +75,11 @@ def eps_from_x0(x_t: torch.Tensor, x0_hat: torch.Tensor, alpha_t, sigma_t) -> to
 def eps_from_v(x_t: torch.Tensor, v: torch.Tensor, alpha_t, sigma_t) -> torch.Tensor:
     """v-prediction to eps: eps = sigma_t x_t + alpha_t v (Salimans & Ho 2022)."""
     return bcast(sigma_t, x_t) * x_t + bcast(alpha_t, x_t) * v
+
+
+def x0_from_v(x_t: torch.Tensor, v: torch.Tensor, alpha_t, sigma_t) -> torch.Tensor:
+    """v-prediction to data: x0_hat = alpha_t x_t - sigma_t v (Salimans & Ho 2022)."""
+    return bcast(alpha_t, x_t) * x_t - bcast(sigma_t, x_t) * v
 
 
 def ddim_step(x0_hat: torch.Tensor, eps_hat: torch.Tensor, alpha_prev, sigma_prev) -> torch.Tensor:

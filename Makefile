@@ -1,0 +1,15 @@
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup demo test quick-test
+
+setup:
+	bash scripts/setup.sh
+
+# The main job on the embedded default: distil the shipped teacher into a 3-step student (<= 20 min on 2 cores).
+demo: setup
+	$(VENV)/bin/imagine-flash distill
+
+# The test suite (what CI runs).
+test: setup
+	$(PY) -m pytest -q tests

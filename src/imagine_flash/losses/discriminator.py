@@ -1,0 +1,83 @@
+"""§5.1 adversarial loss: a U-Net-encoder discriminator built from the teacher (UFOGen, SDXL-Lightning), hinge loss."""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from ..denoisers import Cond
+from ..schedule import Schedule, q_sample
+
+
+class UNetEncoderDiscriminator(nn.Module):
+    """The teacher UNet's encoder (conv_in, time embedding, down blocks, mid block; weights copied, trainable) with a
+    light conv head on every down-block output and on the mid block. Timestep- and text-conditioned.
+
+    Returns a per-sample logit: the mean of each head's patch logits, summed over heads.
+    """
+
+    def __init__(self, unet: nn.Module, head_channels: int = 64):
+        super().__init__()
+        enc = copy.deepcopy(getattr(unet, "module", unet)).float().requires_grad_(True)
+        enc.up_blocks = nn.ModuleList()  # the decoder half is not used
+        enc.conv_norm_out = enc.conv_act = enc.conv_out = None
+        self.enc = enc
+        chans = [blk.resnets[-1].out_channels for blk in enc.down_blocks] + [enc.mid_block.resnets[-1].out_channels]
+        self.heads = nn.ModuleList(
+            nn.Sequential(nn.GroupNorm(min(8, c), c), nn.SiLU(), nn.Conv2d(c, head_channels, 3, padding=1), nn.SiLU(),
+                          nn.Conv2d(head_channels, 1, 1)) for c in chans)
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        e = self.enc
+        ehs, mask = cond.hidden, cond.mask
+        if mask is not None:  # the same bias the UNet builds from encoder_attention_mask
+            mask = ((1 - mask.to(x_t.dtype)) * -10000.0).unsqueeze(1)
+        # Time (and SDXL's added) embedding, through the UNet's own helpers.
+        emb = e.time_embedding(e.get_time_embed(sample=x_t, timestep=t))
+        aug = e.get_aug_embed(emb=emb, encoder_hidden_states=ehs, added_cond_kwargs=cond.extra or {})
+        emb = emb + aug if aug is not None else emb
+        if e.time_embed_act is not None:
+            emb = e.time_embed_act(emb)
+        ehs = e.process_encoder_hidden_states(encoder_hidden_states=ehs, added_cond_kwargs=cond.extra or {})
+        h = e.conv_in(x_t)
+        feats = []
+        for blk in e.down_blocks:
+            if getattr(blk, "has_cross_attention", False):
+                h, _ = blk(hidden_states=h, temb=emb, encoder_hidden_states=ehs, encoder_attention_mask=mask)
+            else:
+                h, _ = blk(hidden_states=h, temb=emb)
+            feats.append(h)
+        if getattr(e.mid_block, "has_cross_attention", False):
+            h = e.mid_block(h, emb, encoder_hidden_states=ehs, encoder_attention_mask=mask)
+        else:
+            h = e.mid_block(h, emb)
+        feats.append(h)
+        return sum(head(f).mean(dim=(1, 2, 3)) for head, f in zip(self.heads, feats))  # (B,)
+
+
+class HingeAdversarial:
+    """Hinge GAN loss on samples re-noised to a random t_d in [0, t_max] (the same t_d and noise for real and fake)."""
+
+    def __init__(self, schedule: Schedule, t_max: int = 500):
+        self.schedule, self.t_max = schedule, t_max
+
+    def _noised(self, x0: torch.Tensor, gen: torch.Generator):
+        B = x0.shape[0]
+        t_d = torch.randint(0, self.t_max + 1, (B,), generator=gen).to(x0.device)
+        eps = torch.randn(x0.shape, generator=gen).to(x0)
+        return t_d, eps
+
+    def generator(self, disc, x0_fake: torch.Tensor, cond: Cond, gen: torch.Generator) -> torch.Tensor:
+        """Generator hinge term: -D(q(x0_fake, eps, t_d)). Per sample (B,)."""
+        t_d, eps = self._noised(x0_fake, gen)
+        return -disc(q_sample(x0_fake, eps, self.schedule.alpha(t_d), self.schedule.sigma(t_d)), t_d, cond)
+
+    def discriminator(self, disc, x0_real: torch.Tensor, x0_fake: torch.Tensor, cond_real: Cond, cond_fake: Cond,
+                      gen: torch.Generator) -> torch.Tensor:
+        """Discriminator hinge loss: relu(1 - D(real)) + relu(1 + D(fake)). Per sample (B,)."""
+        t_d, eps = self._noised(x0_real, gen)
+        a, s = self.schedule.alpha(t_d), self.schedule.sigma(t_d)
+        d_real = disc(q_sample(x0_real, eps, a, s), t_d, cond_real)
+        d_fake = disc(q_sample(x0_fake.detach(), eps, a, s), t_d, cond_fake)
+        return torch.relu(1 - d_real) + torch.relu(1 + d_fake)

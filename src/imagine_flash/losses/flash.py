@@ -1,0 +1,103 @@
+"""Imagine Flash generator loss (§4): backward distillation (Eq. 7) and the shifted reconstruction loss (Eq. 8)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from ..denoisers import Cond
+from ..sampling import ddim_sample, rollout
+from ..schedule import Schedule, gamma_shift, q_sample, uniform_timesteps, x0_from_eps
+
+
+@dataclass
+class StudentInput:
+    """Where the student starts a training step: x_t at timestep t, and how it was made."""
+
+    x_t: torch.Tensor  # (B, C, H, W)
+    t: torch.Tensor  # (B,) long
+    step_index: torch.Tensor  # (B,) index i into the student's timesteps
+    x_T: torch.Tensor  # (B, C, H, W) the pure noise the rollout started from
+
+
+def backward_input(rollout_denoiser, cond: Cond, timesteps: Sequence[int], schedule: Schedule, shape,
+                   gen: torch.Generator, noise_correction: bool, device) -> StudentInput:
+    """§4.1: x_{T->t} = stopgrad(f_Theta^{i}(x_T)), the student's own rollout from pure noise to its step i."""
+    B = shape[0]
+    x_T = torch.randn(shape, generator=gen).to(device)
+    i = torch.randint(0, len(timesteps), (B,), generator=gen).to(device)
+    x_t = rollout(rollout_denoiser, x_T, cond, timesteps, schedule, i, noise_correction)
+    t = torch.as_tensor(timesteps, device=device)[i]
+    return StudentInput(x_t, t, i, x_T)
+
+
+def forward_input(x0: torch.Tensor, timesteps: Sequence[int], schedule: Schedule, gen: torch.Generator) -> StudentInput:
+    """The no-backward ablation: standard forward distillation from x_t = q(x0, eps, t) (Eq. 1) of real data."""
+    B = x0.shape[0]
+    eps = torch.randn(x0.shape, generator=gen).to(x0)
+    i = torch.randint(0, len(timesteps), (B,), generator=gen).to(x0.device)
+    t = torch.as_tensor(timesteps, device=x0.device)[i]
+    return StudentInput(q_sample(x0, eps, schedule.alpha(t), schedule.sigma(t)), t, i, eps)
+
+
+def srl_target(teacher, x0_student: torch.Tensor, t: torch.Tensor, cond: Cond, schedule: Schedule, k: int,
+               gen: torch.Generator, gamma_table) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 8 target: chi = q(stopgrad(x0_hat_Theta), eps, gamma(t)), then k uniform teacher DDIM steps with CFG.
+
+    Returns (x0_hat of the teacher at its last step, the teacher's timesteps (B, k)).
+    """
+    t_shift = gamma_shift(t, gamma_table)
+    eps = torch.randn(x0_student.shape, generator=gen).to(x0_student)
+    ts = uniform_timesteps(t_shift.cpu(), k).to(x0_student.device)
+    with torch.inference_mode():  # the teacher is the main cost: no autograd bookkeeping at all
+        chi = q_sample(x0_student.detach(), eps, schedule.alpha(t_shift), schedule.sigma(t_shift))
+        target = ddim_sample(teacher, chi, cond, ts, schedule)
+    return target.clone(), ts  # clone: a normal tensor, usable in the autograd graph of the loss
+
+
+def eq7_target(teacher, x_t: torch.Tensor, t: torch.Tensor, cond: Cond, schedule: Schedule, k: int) -> torch.Tensor:
+    """Eq. 7 target (no shift): k uniform teacher DDIM steps with CFG from the student's own x_{T->t}."""
+    ts = uniform_timesteps(t.cpu(), k).to(x_t.device)
+    with torch.inference_mode():
+        target = ddim_sample(teacher, x_t, cond, ts, schedule)
+    return target.clone()
+
+
+class FlashLoss:
+    """Imagine Flash (Kohler et al. 2024): per-sample ||target - x0_hat_Theta||^2 with a backward-distilled input.
+
+    backward=False is the no-backward ablation; reconstruction 'srl' (Eq. 8), 'eq7' (Eq. 7, gamma = identity) or
+    'none' (the no-srl ablation: the adversarial term alone).
+    """
+
+    def __init__(self, schedule: Schedule, timesteps: Sequence[int], k: int = 8, backward: bool = True,
+                 reconstruction: str = "srl", noise_correction: bool = True,
+                 gamma_table=((900, 990), (500, 950), (-1, 200))):
+        if reconstruction not in ("srl", "eq7", "none"):
+            raise ValueError(f"reconstruction must be 'srl', 'eq7' or 'none', not {reconstruction!r}")
+        self.schedule, self.timesteps, self.k = schedule, list(timesteps), k
+        self.backward, self.reconstruction, self.noise_correction = backward, reconstruction, noise_correction
+        self.gamma_table = tuple(tuple(p) for p in gamma_table)
+
+    def student_input(self, rollout_denoiser, x0_real: torch.Tensor, cond: Cond, gen: torch.Generator) -> StudentInput:
+        if self.backward:
+            return backward_input(rollout_denoiser, cond, self.timesteps, self.schedule, x0_real.shape, gen,
+                                  self.noise_correction, x0_real.device)
+        return forward_input(x0_real, self.timesteps, self.schedule, gen)
+
+    def __call__(self, student, rollout_denoiser, teacher, x0_real: torch.Tensor, cond: Cond,
+                 gen: torch.Generator) -> dict[str, torch.Tensor]:
+        """Returns {'recon': (B,), 'x0_student': (B, C, H, W) with grad}."""
+        inp = self.student_input(rollout_denoiser, x0_real, cond, gen)
+        eps_hat = student(inp.x_t, inp.t, cond)  # gradients flow only through this prediction
+        x0_hat = x0_from_eps(inp.x_t, eps_hat, self.schedule.alpha(inp.t), self.schedule.sigma(inp.t))
+        out = {"x0_student": x0_hat}
+        if self.reconstruction == "srl":
+            target, _ = srl_target(teacher, x0_hat, inp.t, cond, self.schedule, self.k, gen, self.gamma_table)
+        elif self.reconstruction == "eq7":
+            target = eq7_target(teacher, inp.x_t, inp.t, cond, self.schedule, self.k)
+        else:
+            return out
+        out["recon"] = (target - x0_hat).square().flatten(1).mean(1)
+        return out

@@ -1,0 +1,280 @@
+"""The one training loop (HF accelerate): generator_step, discriminator_step, EMA, atomic checkpoints, exact resume.
+
+Methods are losses plugged in through `build_method`; the loop knows nothing of their internals.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .config import DistillConfig, resolve_variant, save_config
+from .denoisers import Cond, Denoiser
+from .encoders import PixelEncoder
+from .schedule import STUDENT_TIMESTEPS, Schedule, make_schedule
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+@dataclass
+class Models:
+    """Everything a method's loss may use. Denoisers only: the loss never sees a raw network."""
+
+    student: Denoiser  # live student, no CFG (CFG is distilled in)
+    rollout: Denoiser  # the weights that run the no-grad backward rollout (live or EMA)
+    teacher: Denoiser  # frozen teacher with CFG
+    schedule: Schedule
+    disc: torch.nn.Module | None
+
+
+def student_timesteps(cfg: DistillConfig) -> list[int]:
+    if cfg.student_timesteps:
+        return [int(t) for t in cfg.student_timesteps]
+    if cfg.student_steps not in STUDENT_TIMESTEPS:
+        raise ValueError(f"student_steps={cfg.student_steps}: give student_timesteps for other step counts")
+    return list(STUDENT_TIMESTEPS[cfg.student_steps])
+
+
+def build_method(cfg: DistillConfig, schedule: Schedule, timesteps: list[int]):
+    """The loss of cfg.method, built from the config. New methods plug in here."""
+    if cfg.method == "flash":
+        from .losses.flash import FlashLoss
+        return FlashLoss(schedule, timesteps, k=cfg.k, backward=cfg.backward, reconstruction=cfg.reconstruction,
+                         noise_correction=cfg.noise_correction, gamma_table=cfg.gamma_table)
+    raise ValueError(f"unknown method {cfg.method!r}")
+
+
+def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
+    """Every random draw of a step comes from here: reproducible, and resume needs no hidden state."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 64 + rank)
+
+
+def batch_indices(n: int, step: int, batch_size: int, seed: int, rank: int, world: int) -> torch.Tensor:
+    """The global batch of `step` (a seeded permutation per epoch), and this process's share of it."""
+    epoch, pos = divmod(step * batch_size, n)
+    idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))[pos:pos + batch_size]
+    if len(idx) < batch_size:  # wrap into the next epoch
+        nxt = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch + 1))
+        idx = torch.cat([idx, nxt[:batch_size - len(idx)]])
+    return idx[rank::world]
+
+
+def generator_step(method, models: Models, x0_real, cond, gen, adv, adv_weight: float):
+    """Student loss of one batch: the method's reconstruction term plus the weighted adversarial term."""
+    out = method(models.student, models.rollout, models.teacher, x0_real, cond, gen)
+    losses = {}
+    total = 0.0
+    if "recon" in out:
+        losses["recon"] = out["recon"].mean()
+        total = total + losses["recon"]
+    if adv is not None and adv_weight > 0:
+        losses["adv_g"] = adv.generator(models.disc, out["x0_student"], cond, gen).mean()
+        total = total + adv_weight * losses["adv_g"]
+    return total, {k: v.detach() for k, v in losses.items()}, out["x0_student"].detach()
+
+
+def discriminator_step(adv, disc, x0_real, x0_fake, cond, gen):
+    """Discriminator hinge loss on real data against the student's detached x0_hat."""
+    return adv.discriminator(disc, x0_real, x0_fake, cond, cond, gen).mean()
+
+
+# ----------------------------------------------------------------------------------------------------------- ckpt
+
+def save_checkpoint(run: Path, step: int, nets: dict, opts: dict, extra: dict) -> None:
+    """Write ckpt.tmp fully, then swap it in: a killed or failed write never breaks the previous 'ckpt'."""
+    from safetensors.torch import save_file
+
+    from .models import _replace_dir
+
+    tmp = run / "ckpt.tmp"
+    if tmp.exists():
+        import shutil
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    for name, net in nets.items():
+        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, tmp / f"{name}.safetensors")
+    torch.save({"opts": {k: o.state_dict() for k, o in opts.items()}, "step": step,
+                "torch_rng": torch.get_rng_state(), **extra}, tmp / "state.pt")
+    (tmp / "step.json").write_text(json.dumps({"step": step}))
+    _replace_dir(tmp, run / "ckpt")
+
+
+def load_checkpoint(run: Path, nets: dict, opts: dict) -> int:
+    from safetensors.torch import load_file
+
+    ck = run / "ckpt"
+    for name, net in nets.items():
+        net.load_state_dict(load_file(ck / f"{name}.safetensors"))
+    st = torch.load(ck / "state.pt", weights_only=True)  # our own file; weights_only never runs code
+    for k, o in opts.items():
+        o.load_state_dict(st["opts"][k])
+    torch.set_rng_state(st["torch_rng"])
+    return int(st["step"])
+
+
+# ----------------------------------------------------------------------------------------------------------- loop
+
+def distill(cfg: DistillConfig, resume: bool = False, teacher_bundle=None, dataset=None, text=None) -> Path:
+    """Train a student with cfg.method; write the student, config, logs, grids and (optionally) metrics."""
+    from accelerate import Accelerator
+
+    from .losses.discriminator import HingeAdversarial, UNetEncoderDiscriminator
+    from .models import load_model_folder, save_student
+
+    resolve_variant(cfg)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    acc = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum)
+    run = Path(cfg.out)
+    if acc.is_main_process:
+        run.mkdir(parents=True, exist_ok=True)
+    # Teacher, schedule, data, text.
+    teacher_unet, sched_cfg, meta = teacher_bundle or load_model_folder(cfg.teacher or default_teacher())
+    teacher_unet = teacher_unet.to(acc.device).eval().requires_grad_(False)
+    schedule = make_schedule(**sched_cfg)
+    if cfg.guidance_scale is None:
+        cfg.guidance_scale = float(meta.get("guidance_scale", 3.0))
+    resolution = cfg.resolution or int(teacher_unet.config.sample_size)
+    if dataset is None:
+        from .data import load_dataset
+        dataset = load_dataset(cfg.dataset, resolution)
+    if text is None:
+        from .data.text import MiniLMTextEncoder
+        text = MiniLMTextEncoder()
+    encoder = PixelEncoder()
+    null = text([""]).to(acc.device)
+    timesteps = student_timesteps(cfg)
+    if acc.is_main_process:
+        save_config(cfg, run / "config.json")
+    # Student (initialised from the teacher), EMA, discriminator, optimisers.
+    student = copy.deepcopy(teacher_unet).float().requires_grad_(True).train()
+    ema = copy.deepcopy(student).requires_grad_(False).eval()
+    adv = HingeAdversarial(schedule, cfg.disc_t_max) if cfg.adv_weight > 0 else None
+    disc = UNetEncoderDiscriminator(teacher_unet).to(acc.device) if adv else None
+    opt_g = torch.optim.Adam(student.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas))
+    opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.disc_lr, betas=tuple(cfg.disc_betas)) if disc else None
+    nets = {"student": student, "ema": ema, **({"disc": disc} if disc else {})}
+    opts = {"g": opt_g, **({"d": opt_d} if opt_d else {})}
+    step = 0
+    if resume and (run / "ckpt" / "state.pt").is_file():
+        step = load_checkpoint(run, nets, opts)
+        acc.print(f"resumed from {run / 'ckpt'} at step {step}")
+    student, opt_g = acc.prepare(student, opt_g)
+    if disc is not None:
+        disc, opt_d = acc.prepare(disc, opt_d)
+    ema = ema.to(acc.device)
+    models = Models(student=Denoiser(student, schedule), teacher=Denoiser(
+        teacher_unet, schedule, guidance_scale=cfg.guidance_scale, null_cond=null),
+        rollout=Denoiser(ema if cfg.rollout_weights == "ema" else student, schedule), schedule=schedule, disc=disc)
+    method = build_method(cfg, schedule, timesteps)
+    grid_prompts, grid_seeds = _grid_prompts(dataset), list(range(8))
+    log_f = open(run / "log.csv", "a", newline="") if acc.is_main_process else None
+    log = csv.writer(log_f) if log_f else None
+    if log_f is not None and step == 0:
+        log.writerow(["step", "loss", "recon", "adv_g", "disc", "seconds"])
+    bad = torch.zeros((), dtype=torch.bool, device=acc.device)
+    bar = tqdm(total=cfg.max_steps, initial=step, desc=f"distill {cfg.method}/{cfg.variant}", dynamic_ncols=True,
+               disable=not acc.is_main_process)
+    t0 = time.time()
+    last = {}
+    while step < cfg.max_steps:
+        gen = step_generator(cfg.seed, step, acc.process_index)
+        idx = batch_indices(len(dataset), step, cfg.batch_size, cfg.seed, acc.process_index, acc.num_processes)
+        items = [dataset[int(i)] for i in idx]
+        x0_real = encoder.encode(torch.stack([it["image"] for it in items]).to(acc.device))
+        cond = text([it["caption"] for it in items]).to(acc.device)
+        # Generator (student) update.
+        use_adv = adv if step >= cfg.disc_warmup else None
+        with acc.accumulate(student):
+            loss_g, parts, x0_fake = generator_step(method, models, x0_real, cond, gen, use_adv, cfg.adv_weight)
+            acc.backward(loss_g)
+            if acc.sync_gradients and cfg.grad_clip:
+                acc.clip_grad_norm_(student.parameters(), cfg.grad_clip)
+            opt_g.step()
+            opt_g.zero_grad(set_to_none=True)
+        bad |= ~torch.isfinite(loss_g.detach())
+        # Discriminator update.
+        if disc is not None:
+            with acc.accumulate(disc):
+                loss_d = discriminator_step(adv, disc, x0_real, x0_fake, cond, gen)
+                acc.backward(loss_d)
+                opt_d.step()
+                opt_d.zero_grad(set_to_none=True)
+            parts["disc"] = loss_d.detach()
+            bad |= ~torch.isfinite(loss_d.detach())
+        # EMA of the student.
+        with torch.no_grad():
+            for pe, p in zip(ema.parameters(), acc.unwrap_model(student).parameters()):
+                pe.lerp_(p.detach(), 1 - cfg.ema_decay)
+        step += 1
+        bar.update(1)
+        is_ckpt = step % cfg.ckpt_every == 0 or step == cfg.max_steps
+        if step % cfg.log_every == 0 or is_ckpt:
+            if bool(bad):  # checked before any checkpoint, so 'ckpt' only ever holds finite weights
+                raise NonFiniteLoss(f"loss became NaN/inf before step {step}; the last good checkpoint is kept in "
+                                    f"{run / 'ckpt'} (lower --set lr=..., or resume with --resume)")
+            last = {k: float(v) for k, v in parts.items()}
+            last["loss"] = float(loss_g)
+            bar.set_postfix({k: f"{v:.4f}" for k, v in last.items()})
+            if log:
+                log.writerow([step, last["loss"], last.get("recon", ""), last.get("adv_g", ""), last.get("disc", ""),
+                              f"{time.time() - t0:.1f}"])
+                log_f.flush()
+        if is_ckpt:
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                save_checkpoint(run, step, {**nets, "student": acc.unwrap_model(student),
+                                            **({"disc": acc.unwrap_model(disc)} if disc else {})}, opts, {})
+        if acc.is_main_process and (step % cfg.sample_every == 0 or step == cfg.max_steps):
+            _sample_grid(run / "samples" / f"step{step:06d}.png", models, ema, text, grid_prompts, grid_seeds,
+                         timesteps, cfg, encoder, sched_cfg, resolution, teacher_unet.config.in_channels)
+    bar.close()
+    minutes = (time.time() - t0) / 60
+    if acc.is_main_process:
+        save_student(run / "student", ema, sched_cfg, timesteps, cfg.noise_correction,
+                     {**meta, "kind": "imagine-flash student", "method": cfg.method, "variant": cfg.variant,
+                      "teacher_guidance_scale": cfg.guidance_scale, "train_steps": step})
+        (run / "train.json").write_text(json.dumps({"steps": step, "train_minutes": minutes, **last}, indent=2))
+        if log_f:
+            log_f.close()
+    acc.wait_for_everyone()
+    return run / "student"
+
+
+def _grid_prompts(dataset) -> list[str]:
+    from .data.fashion import ColoredFashion, eval_prompts
+
+    if isinstance(dataset, ColoredFashion):
+        prompts, _, _ = eval_prompts(80)
+        return prompts[::10][:8]  # 8 different (class, colour) pairs
+    return [dataset[i]["caption"] for i in range(min(8, len(dataset)))]
+
+
+@torch.no_grad()
+def _sample_grid(path, models: Models, ema, text, prompts, seeds, timesteps, cfg, encoder, sched_cfg, res, ch):
+    """Teacher at 25 DPM-Solver++ steps next to the (EMA) student at its steps: same prompts and seeds."""
+    from .sampling import flash_sample, scheduler_sample, teacher_scheduler
+    from .viz import labelled_rows, save_png
+
+    dev = next(ema.parameters()).device
+    x_T = torch.stack([torch.randn(ch, res, res, generator=torch.Generator().manual_seed(s)) for s in seeds]).to(dev)
+    cond = text(prompts).to(dev)
+    teacher = scheduler_sample(models.teacher, teacher_scheduler("dpmpp", sched_cfg), x_T, cond, 25)
+    student = flash_sample(Denoiser(ema, models.schedule), x_T, cond, timesteps, models.schedule,
+                           cfg.noise_correction)
+    save_png(labelled_rows([("teacher 25", encoder.decode(teacher)),
+                            (f"student {len(timesteps)}", encoder.decode(student))], scale=4), path)
+
+
+def default_teacher() -> Path:
+    return Path(__file__).parent / "assets" / "teacher"

@@ -1,0 +1,165 @@
+"""Flash loss terms on tiny callables, against expectations built by hand."""
+import math
+
+import torch
+
+from imagine_flash.denoisers import Cond, Denoiser
+from imagine_flash.losses.flash import FlashLoss
+from imagine_flash.schedule import make_schedule
+
+S = make_schedule()
+
+
+def abar(t):
+    """alphas_cumprod by hand (scaled-linear betas), independent of the implementation."""
+    betas = [(math.sqrt(0.00085) + (math.sqrt(0.012) - math.sqrt(0.00085)) * i / 999) ** 2 for i in range(1000)]
+    p = 1.0
+    for b in betas[: t + 1]:
+        p *= 1 - b
+    return p
+
+
+class Recorder:
+    """A fake eps network that logs what it sees: eps_hat = c * x_t (+ a cond-dependent offset)."""
+
+    def __init__(self, c):
+        self.c, self.calls = c, []
+
+    def __call__(self, x_t, t, cond):
+        self.calls.append((x_t.detach().clone(), t.clone()))
+        return self.c * x_t
+
+
+def cond_of(B):
+    return Cond(torch.zeros(B, 2, 4), torch.ones(B, 2, dtype=torch.bool))
+
+
+def test_backward_rollout_uses_only_noise_and_student_outputs():
+    B = 64
+    student_net = Recorder(0.5)
+    student = Denoiser(student_net, S)
+    teacher = Denoiser(Recorder(0.1), S)
+    loss = FlashLoss(S, [999, 750, 500], k=2)
+    x0_real = torch.full((B, 3, 4, 4), float("nan"))  # any use of data would poison the loss
+    gen = torch.Generator().manual_seed(0)
+    out = loss(student, student, teacher, x0_real, cond_of(B), gen)
+    assert torch.isfinite(out["recon"]).all()
+    # Replay the rollout by hand from the same x_T: every state the student saw is a function of x_T and its eps.
+    gen = torch.Generator().manual_seed(0)
+    x_T = torch.randn((B, 3, 4, 4), generator=gen)
+    i = torch.randint(0, 3, (B,), generator=gen)
+    x_train, t_train = student_net.calls[-1]
+    ts = [999, 750, 500]
+    for b in range(B):
+        x = x_T[b].double()
+        for j in range(int(i[b])):
+            t, tn = ts[j], ts[j + 1]
+            eps = 0.5 * x
+            x0 = (x - math.sqrt(1 - abar(t)) * eps) / math.sqrt(abar(t))
+            corr = x_T[b].double() if j == 0 else eps  # Eq. 9 at the first step
+            x = math.sqrt(abar(tn)) * x0 + math.sqrt(1 - abar(tn)) * corr
+        assert int(t_train[b]) == ts[int(i[b])]
+        torch.testing.assert_close(x_train[b].double(), x, rtol=1e-4, atol=1e-5)
+
+
+def test_no_backward_uses_forward_noised_data():
+    B = 16
+    student = Denoiser(Recorder(0.5), S)
+    teacher = Denoiser(Recorder(0.1), S)
+    loss = FlashLoss(S, [999, 750, 500], k=2, backward=False)
+    x0_nan = torch.full((B, 3, 4, 4), float("nan"))
+    out = loss(student, student, teacher, x0_nan, cond_of(B), torch.Generator().manual_seed(0))
+    assert torch.isnan(out["recon"]).all()  # the data entered the student's input
+    # And the input is exactly q(x0, eps, t) of Eq. 1.
+    net = Recorder(0.5)
+    x0 = torch.randn(B, 3, 4, 4)
+    loss(Denoiser(net, S), None, teacher, x0, cond_of(B), torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(1)
+    eps = torch.randn(x0.shape, generator=g)
+    i = torch.randint(0, 3, (B,), generator=g)
+    x_seen, t_seen = net.calls[0]
+    for b in range(B):
+        t = [999, 750, 500][int(i[b])]
+        assert int(t_seen[b]) == t
+        exp = math.sqrt(abar(t)) * x0[b].double() + math.sqrt(1 - abar(t)) * eps[b].double()
+        torch.testing.assert_close(x_seen[b].double(), exp, rtol=1e-4, atol=1e-5)
+
+
+def test_srl_teacher_starts_at_gamma_and_takes_k_steps():
+    B, k = 32, 8
+    teacher_net = Recorder(0.2)
+    student = Denoiser(Recorder(0.5), S)
+    loss = FlashLoss(S, [999, 750, 500], k=k)
+    out = loss(student, student, Denoiser(teacher_net, S), torch.zeros(B, 3, 4, 4), cond_of(B),
+               torch.Generator().manual_seed(3))
+    assert len(teacher_net.calls) == k
+    ts = torch.stack([t for _, t in teacher_net.calls], 1)  # (B, k)
+    g = torch.Generator().manual_seed(3)
+    torch.randn((B, 3, 4, 4), generator=g)
+    i = torch.randint(0, 3, (B,), generator=g)
+    gamma = torch.tensor([990, 950, 200])[i]  # §5.1: gamma(999)=990, gamma(750)=950, gamma(500)=200
+    assert torch.equal(ts[:, 0], gamma)
+    for b in range(B):  # uniform spacing gamma, gamma (1 - 1/k), ..., gamma / k
+        exp = [round(int(gamma[b]) * (1 - j / k)) for j in range(k)]
+        assert ts[b].tolist() == exp
+
+
+def test_srl_value_by_hand():
+    """One sample, 1-step student at t=999, k=1: target = teacher x0_hat at gamma(999)=990 from chi."""
+    stu, tea = 0.5, 0.2
+    loss = FlashLoss(S, [999], k=1)
+    B = 4
+    out = loss(Denoiser(lambda x, t, c: stu * x, S), Denoiser(lambda x, t, c: stu * x, S),
+               Denoiser(lambda x, t, c: tea * x, S), torch.zeros(B, 3, 2, 2), cond_of(B),
+               torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    x_T = torch.randn((B, 3, 2, 2), generator=g).double()
+    torch.randint(0, 1, (B,), generator=g)
+    eps2 = torch.randn((B, 3, 2, 2), generator=g).double()
+    a, s = math.sqrt(abar(999)), math.sqrt(1 - abar(999))
+    x0_s = (x_T - s * stu * x_T) / a
+    a2, s2 = math.sqrt(abar(990)), math.sqrt(1 - abar(990))
+    chi = a2 * x0_s + s2 * eps2
+    target = (chi - s2 * tea * chi) / a2
+    exp = (target - x0_s).pow(2).flatten(1).mean(1)
+    torch.testing.assert_close(out["recon"].double(), exp, rtol=1e-4, atol=1e-6)
+
+
+def test_no_srl_has_no_reconstruction_term():
+    out = FlashLoss(S, [999], reconstruction="none")(Denoiser(lambda x, t, c: x, S), Denoiser(lambda x, t, c: x, S),
+                                                      None, torch.zeros(2, 3, 2, 2), cond_of(2),
+                                                      torch.Generator().manual_seed(0))
+    assert "recon" not in out and out["x0_student"].shape == (2, 3, 2, 2)
+
+
+def test_cfg_is_one_batched_forward_and_lerp():
+    calls = []
+
+    def net(x, t, cond):
+        calls.append(x.shape[0])
+        return x * 0 + cond.hidden[:, :1, :1].reshape(-1, 1, 1, 1)  # eps = the cond's first value
+
+    c = Cond(torch.full((3, 2, 4), 2.0), torch.ones(3, 2, dtype=torch.bool))
+    null = Cond(torch.full((1, 2, 4), -1.0), torch.ones(1, 2, dtype=torch.bool))
+    eps = Denoiser(net, S, guidance_scale=3.0, null_cond=null)(torch.zeros(3, 1, 2, 2), 500, c)
+    assert calls == [6]  # cond and uncond in one forward
+    torch.testing.assert_close(eps, torch.full((3, 1, 2, 2), -1.0 + 3.0 * (2.0 + 1.0)))
+
+
+def test_hinge_losses_by_hand():
+    from imagine_flash.losses.discriminator import HingeAdversarial
+
+    adv = HingeAdversarial(S, t_max=0)  # t_d = 0: x_t = sqrt(abar_0) x0 + sqrt(1 - abar_0) eps
+    disc = lambda x, t, c: x.flatten(1).mean(1) * 10
+    real, fake = torch.full((2, 1, 2, 2), 0.3), torch.full((2, 1, 2, 2), -0.05)
+    g = torch.Generator().manual_seed(0)
+    d = adv.discriminator(disc, real, fake, None, None, g)
+    g = torch.Generator().manual_seed(0)
+    torch.randint(0, 1, (2,), generator=g)
+    eps = torch.randn((2, 1, 2, 2), generator=g)
+    a, s = math.sqrt(abar(0)), math.sqrt(1 - abar(0))
+    d_real = (a * real + s * eps).flatten(1).mean(1) * 10
+    d_fake = (a * fake + s * eps).flatten(1).mean(1) * 10
+    torch.testing.assert_close(d, torch.relu(1 - d_real) + torch.relu(1 + d_fake))
+    g = torch.Generator().manual_seed(0)
+    torch.testing.assert_close(adv.generator(disc, fake, None, g), -d_fake)
