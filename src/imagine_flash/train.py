@@ -152,6 +152,9 @@ def distill(cfg: DistillConfig, resume: bool = False, teacher_bundle=None, datas
         from .data.text import MiniLMTextEncoder
         text = MiniLMTextEncoder()
     encoder = PixelEncoder()
+    # Encode every caption once, in a fixed order: an embedding must not depend on its batch-mates (BLAS blocking
+    # differs with batch size), or a resumed run would see slightly different conditioning.
+    text(sorted(set(getattr(dataset, "captions", []))) + [""])
     null = text([""]).to(acc.device)
     timesteps = student_timesteps(cfg)
     if acc.is_main_process:
@@ -160,7 +163,9 @@ def distill(cfg: DistillConfig, resume: bool = False, teacher_bundle=None, datas
     student = copy.deepcopy(teacher_unet).float().requires_grad_(True).train()
     ema = copy.deepcopy(student).requires_grad_(False).eval()
     adv = HingeAdversarial(schedule, cfg.disc_t_max) if cfg.adv_weight > 0 else None
-    disc = UNetEncoderDiscriminator(teacher_unet).to(acc.device) if adv else None
+    with torch.random.fork_rng(devices=[]):  # the heads' init depends on the seed only
+        torch.manual_seed(cfg.seed)
+        disc = UNetEncoderDiscriminator(teacher_unet).to(acc.device) if adv else None
     opt_g = torch.optim.Adam(student.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas))
     opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.disc_lr, betas=tuple(cfg.disc_betas)) if disc else None
     nets = {"student": student, "ema": ema, **({"disc": disc} if disc else {})}
@@ -224,7 +229,7 @@ def distill(cfg: DistillConfig, resume: bool = False, teacher_bundle=None, datas
                 raise NonFiniteLoss(f"loss became NaN/inf before step {step}; the last good checkpoint is kept in "
                                     f"{run / 'ckpt'} (lower --set lr=..., or resume with --resume)")
             last = {k: float(v) for k, v in parts.items()}
-            last["loss"] = float(loss_g)
+            last["loss"] = float(loss_g.detach())
             bar.set_postfix({k: f"{v:.4f}" for k, v in last.items()})
             if log:
                 log.writerow([step, last["loss"], last.get("recon", ""), last.get("adv_g", ""), last.get("disc", ""),

@@ -1,0 +1,91 @@
+"""Tiny end-to-end runs of the training loop and the CLI: resume equality, bad input, NaN stop, metrics."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from imagine_flash.cli import main
+from imagine_flash.config import DistillConfig
+from imagine_flash.data.fashion import ColoredFashion, find_data_dir
+
+try:
+    find_data_dir()
+    HAVE_DATA = True
+except Exception:
+    HAVE_DATA = False
+needs_data = pytest.mark.skipif(not HAVE_DATA, reason="dataset-fashion-mnist is not installed")
+
+
+@pytest.fixture(scope="module")
+def small_data():
+    return ColoredFashion("train", 16, limit=256)
+
+
+def _cfg(out, teacher, **kw):
+    base = dict(out=str(out), teacher=str(teacher), batch_size=4, k=2, max_steps=4, ckpt_every=2, sample_every=100,
+                log_every=1, eval_samples=0, adv_weight=0.1)
+    base.update(kw)
+    return DistillConfig(**base)
+
+
+@needs_data
+def test_resume_equals_uninterrupted_run(tmp_path, tiny_teacher, small_data):
+    from imagine_flash.train import distill
+
+    distill(_cfg(tmp_path / "a", tiny_teacher), dataset=small_data)
+    # Interrupted after 2 steps (the checkpoint at step 2), then resumed to 4.
+    distill(_cfg(tmp_path / "b", tiny_teacher, max_steps=2), dataset=small_data)
+    distill(_cfg(tmp_path / "b", tiny_teacher), resume=True, dataset=small_data)
+    for name in ("student", "ema", "disc"):
+        a = load_file(tmp_path / "a" / "ckpt" / f"{name}.safetensors")
+        b = load_file(tmp_path / "b" / "ckpt" / f"{name}.safetensors")
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), (name, k)
+    # And training changed the student away from the teacher.
+    t = load_file(next((tiny_teacher / "unet").glob("*.safetensors")))
+    s = load_file(tmp_path / "a" / "ckpt" / "student.safetensors")
+    assert any(not torch.equal(t[k].float(), s[k]) for k in t)
+
+
+@needs_data
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_teacher, small_data):
+    from imagine_flash.train import NonFiniteLoss, distill
+
+    distill(_cfg(tmp_path / "r", tiny_teacher, max_steps=2), dataset=small_data)
+    good = load_file(tmp_path / "r" / "ckpt" / "student.safetensors")
+    with pytest.raises(NonFiniteLoss, match="last good checkpoint"):
+        distill(_cfg(tmp_path / "r", tiny_teacher, lr=float("nan")), resume=True, dataset=small_data)
+    after = load_file(tmp_path / "r" / "ckpt" / "student.safetensors")
+    assert all(torch.equal(good[k], after[k]) for k in good)
+    assert json.loads((tmp_path / "r" / "ckpt" / "step.json").read_text())["step"] == 2
+
+
+def test_cli_bad_input_is_one_line(tmp_path, capsys):
+    assert main(["distill", "--teacher", str(tmp_path), "--eval-samples", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "not a model folder" in err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lr: [1\n")
+    assert main(["distill", "--config", str(bad), "--dry-run"]) == 2
+    assert "malformed YAML" in capsys.readouterr().err
+    assert main(["distill", "--set", "no_such_key=1", "--dry-run"]) == 2
+    assert "unknown option 'no_such_key'" in capsys.readouterr().err
+    r = subprocess.run([sys.executable, "-m", "imagine_flash", "distill", "--bogus"], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "--bogus" in r.stderr
+
+
+def test_cli_rejects_non_eps_teacher(tmp_path, tiny_teacher, capsys):
+    import shutil
+
+    t = tmp_path / "vteacher"
+    shutil.copytree(tiny_teacher, t)
+    cfg_f = t / "scheduler" / "scheduler_config.json"
+    cfg = json.loads(cfg_f.read_text())
+    cfg["prediction_type"] = "v_prediction"
+    cfg_f.write_text(json.dumps(cfg))
+    assert main(["distill", "--teacher", str(t), "--eval-samples", "0", "--out", str(tmp_path / "o")]) == 2
+    assert "epsilon" in capsys.readouterr().err
