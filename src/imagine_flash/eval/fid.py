@@ -111,11 +111,17 @@ def _trace_sqrt_product(sig1: np.ndarray, sig2: np.ndarray, method: str = "eigh"
         return float(np.real(np.trace(covmean)))
     if method != "eigh":
         raise ValueError(f"unknown method {method!r}: use 'eigh' or 'sqrtm'")
-    # In torch float64, so it runs on torch's thread count; numpy's OpenBLAS threads on a busy machine were 15x slower.
+    # One LAPACK thread: a 2048-d eigh takes ~1.5 s on one, but 20x longer on two cores shared with other work
+    # (measured with numpy's OpenBLAS and with torch alike).
     s1, s2 = torch.from_numpy(np.ascontiguousarray(sig1)), torch.from_numpy(np.ascontiguousarray(sig2))
-    w, v = torch.linalg.eigh(s1)
-    root1 = (v * w.clamp(min=0).sqrt()) @ v.T  # sqrt(sig1), symmetric
-    eig = torch.linalg.eigvalsh(root1 @ s2 @ root1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        w, v = torch.linalg.eigh(s1)
+        root1 = (v * w.clamp(min=0).sqrt()) @ v.T  # sqrt(sig1), symmetric
+        eig = torch.linalg.eigvalsh(root1 @ s2 @ root1)
+    finally:
+        torch.set_num_threads(threads)
     return float(eig.clamp(min=0).sqrt().sum())
 
 
