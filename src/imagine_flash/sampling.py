@@ -73,8 +73,10 @@ def ddim_sample(denoiser, x_t: torch.Tensor, cond: Cond, timesteps: torch.Tensor
 def scheduler_sample(denoiser, scheduler, x_T: torch.Tensor, cond: Cond, num_steps: int | None = None,
                      timesteps: Sequence[int] | None = None, generator=None) -> torch.Tensor:
     """Sample with any diffusers scheduler (DPM-Solver++, DDIM, FlashScheduler) driving the denoiser."""
-    scheduler.set_timesteps(num_inference_steps=None if timesteps is not None else num_steps,
-                            timesteps=list(timesteps) if timesteps is not None else None)
+    if timesteps is not None:
+        scheduler.set_timesteps(timesteps=list(timesteps))
+    else:
+        scheduler.set_timesteps(num_inference_steps=num_steps)
     x = x_T * scheduler.init_noise_sigma
     for t in scheduler.timesteps:
         eps_hat = denoiser(scheduler.scale_model_input(x, t), t, cond)
