@@ -94,6 +94,30 @@ class _OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def cmd_evaluate(args) -> None:
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from .eval.metrics import evaluate_model
+    from .generate import ModelRunner
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    runner = ModelRunner(args.model)
+    solver = args.solver or None
+    row, images = evaluate_model(runner, args.num_samples, steps=args.steps, fid_reference=args.fid_reference,
+                                 batch=args.batch, solver=solver, guidance_scale=args.guidance_scale,
+                                 noise_correction=False if args.no_noise_correction else None)
+    row = {"model": str(args.model or "shipped teacher"), "threads": torch.get_num_threads(),
+           "fid_reference_images": args.fid_reference, **row}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(row, indent=2))
+    print(json.dumps(row, indent=2))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _OneLineParser(prog="imagine-flash", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True, parser_class=_OneLineParser)
@@ -116,6 +140,20 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--variant", help="ablation: full, no-nc, no-disc, no-backward, no-srl")
     _add_config_args(ds)
     ds.set_defaults(fn=cmd_distill)
+
+    ev = sub.add_parser("evaluate", help="FID, KID, in-domain FID, colour/class accuracy and ms/image of a model")
+    ev.add_argument("--model", help="teacher or student folder (default: the shipped teacher)")
+    ev.add_argument("--steps", type=int, help="sampling steps (default: the student's own, or 25 for a teacher)")
+    ev.add_argument("--num-samples", type=int, default=500, help="generated images (prompt i, seed i)")
+    ev.add_argument("--fid-reference", type=int, default=2000, help="real test images for the FID reference")
+    ev.add_argument("--guidance-scale", type=float, help="CFG scale (default: the model's own)")
+    ev.add_argument("--solver", choices=("dpmpp", "ddim", "flash"), help="sampler (default: flash for students, "
+                    "dpmpp for teachers)")
+    ev.add_argument("--no-noise-correction", action="store_true", help="sample without Eq. 9")
+    ev.add_argument("--batch", type=int, default=250, help="generation batch size")
+    ev.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    ev.add_argument("--out", required=True, help="metrics JSON file")
+    ev.set_defaults(fn=cmd_evaluate)
 
     sp = sub.add_parser("sample", help="write an image grid from a teacher or student folder")
     sp.add_argument("--model", help="model folder (default: the shipped teacher)")

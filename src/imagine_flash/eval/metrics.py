@@ -23,7 +23,7 @@ def _kid_value(k):
 
 def evaluate_model(runner, num_samples: int, steps: int | None = None, fid_reference: int = 2000,
                    batch: int = 250, solver: str | None = None, noise_correction: bool | None = None,
-                   guidance_scale: float | None = None, inception=None, classifier=None) -> dict:
+                   guidance_scale: float | None = None, inception=None, classifier=None) -> tuple[dict, torch.Tensor]:
     """Generate num_samples images for the protocol's prompts (sample i: prompt i, seed i) and measure them."""
     from ..data.fashion import eval_prompts
     from .classifier import alignment, load_classifier
