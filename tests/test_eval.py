@@ -121,8 +121,10 @@ def test_inception_features_deterministic_and_fid_self_zero(real64):
     net = fidlib.InceptionFeatures(batch=32)
     feats = net(real64)
     assert feats.shape == (64, 2048) and feats.dtype == np.float64 and np.isfinite(feats).all()
-    # Deterministic, independent of the batch, and the uint8 and [-1, 1] inputs quantise to the same pixels.
-    assert np.array_equal(net(fidlib.to_uint8(real64[:4])), feats[:4])
+    # Deterministic for the same batch; across batch sizes BLAS blocking may change the last float32 bits only.
+    # The uint8 and [-1, 1] inputs quantise to the same pixels.
+    assert np.array_equal(net(fidlib.to_uint8(real64[:32])), feats[:32])
+    np.testing.assert_allclose(net(fidlib.to_uint8(real64[:4])), feats[:4], rtol=1e-4, atol=1e-5)
     assert abs(fid_from_features(feats, feats)) < 1e-3
     assert fid_from_features(feats[:32], feats[32:]) > 1.0
 

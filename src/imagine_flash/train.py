@@ -236,6 +236,9 @@ def distill(cfg: DistillConfig, resume: bool = False, teacher_bundle=None, datas
                               f"{time.time() - t0:.1f}"])
                 log_f.flush()
         if is_ckpt:
+            if not all(torch.isfinite(p).all() for p in acc.unwrap_model(student).parameters()):
+                raise NonFiniteLoss(f"the student's weights became NaN/inf at step {step}; the last good checkpoint "
+                                    f"is kept in {run / 'ckpt'}")
             acc.wait_for_everyone()
             if acc.is_main_process:
                 save_checkpoint(run, step, {**nets, "student": acc.unwrap_model(student),
