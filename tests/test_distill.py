@@ -131,3 +131,14 @@ def test_cli_distill_end_to_end(tmp_path, tiny_teacher, monkeypatch):
     assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
     sched = json.loads((out / "student" / "scheduler" / "scheduler_config.json").read_text())
     assert sched["_class_name"] == "FlashScheduler" and sched["timesteps"] == [999, 666]
+
+
+@needs_data
+def test_cli_pretrain_tiny_run_and_resume(tmp_path):
+    out = tmp_path / "t"
+    args = ["pretrain", "--out", str(out), "--max-steps", "2", "--set", "variant=micro", "--set", "batch_size=8",
+            "--set", "ckpt_every=1", "--set", "sample_every=2"]
+    assert main(args) == 0
+    assert main(args[:4] + ["4"] + args[5:] + ["--resume"]) == 0
+    assert json.loads((out / "ckpt" / "step.json").read_text())["step"] == 4
+    assert (out / "model" / "unet" / "config.json").is_file() and (out / "samples" / "step0000004.png").is_file()

@@ -17,6 +17,7 @@ from .denoisers import Denoiser
 from .models import build_unet, save_model_folder
 from .sampling import scheduler_sample, teacher_scheduler
 from .schedule import make_schedule, q_sample
+from .train import ema_update, load_checkpoint, save_checkpoint
 from .viz import grid_image, save_png
 
 
@@ -31,18 +32,6 @@ def teacher_grid(denoiser, text, sched_cfg, resolution: int, steps: int = 25, se
     g = torch.Generator().manual_seed(seed)
     x_T = torch.randn(len(prompts), 3, resolution, resolution, generator=g)
     return scheduler_sample(denoiser, teacher_scheduler("dpmpp", sched_cfg), x_T, text(prompts), steps)
-
-
-def _save_ckpt(run: Path, step: int, unet, ema, opt, rng_data: torch.Tensor) -> None:
-    from safetensors.torch import save_file
-
-    tmp = run / "ckpt.tmp"
-    tmp.mkdir(exist_ok=True)
-    save_file(unet.state_dict(), tmp / "unet.safetensors")
-    save_file(ema.state_dict(), tmp / "ema.safetensors")
-    torch.save({"opt": opt.state_dict(), "step": step, "rng": torch.get_rng_state(), "perm_seed": rng_data}, tmp / "state.pt")
-    from .models import _replace_dir
-    _replace_dir(tmp, run / "ckpt")
 
 
 def pretrain(cfg: PretrainConfig, resume: bool = False) -> Path:
@@ -62,14 +51,9 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> Path:
     ema = copy.deepcopy(unet).requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     step = 0
-    if resume and (run / "ckpt").is_dir():
-        from safetensors.torch import load_file
-        unet.load_state_dict(load_file(run / "ckpt" / "unet.safetensors"))
-        ema.load_state_dict(load_file(run / "ckpt" / "ema.safetensors"))
-        st = torch.load(run / "ckpt" / "state.pt", weights_only=True)
-        opt.load_state_dict(st["opt"])
-        step = st["step"]
-        torch.set_rng_state(st["rng"])
+    nets, opts = {"unet": unet, "ema": ema}, {"opt": opt}
+    if resume and (run / "ckpt" / "state.pt").is_file():
+        step = load_checkpoint(run, nets, opts)
     meta = {"kind": "imagine-flash teacher", "text_encoder": "all-MiniLM-L6-v2 (per-token, 16 tokens)",
             "resolution": cfg.resolution, "guidance_scale": cfg.guidance_scale, "variant": cfg.variant,
             "dataset": "colored-fashion-mnist"}
@@ -100,9 +84,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> Path:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         opt.step()
-        with torch.no_grad():
-            for pe, p in zip(ema.parameters(), unet.parameters()):
-                pe.lerp_(p, 1 - cfg.ema_decay)
+        ema_update(ema, unet, cfg.ema_decay)
         step += 1
         bar.update(1)
         if step % cfg.log_every == 0:
@@ -113,7 +95,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> Path:
             if not torch.isfinite(loss):
                 raise RuntimeError(f"loss became {lv} at step {step}; the last good checkpoint is in {run / 'ckpt'}")
         if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
-            _save_ckpt(run, step, unet, ema, opt, torch.tensor(cfg.seed))
+            save_checkpoint(run, step, nets, opts, {})
             save_model_folder(run / "model", ema, sched_cfg, {**meta, "steps": step})
         if step % cfg.sample_every == 0 or step == cfg.max_steps:
             den = Denoiser(ema, schedule, guidance_scale=cfg.guidance_scale, null_cond=null)

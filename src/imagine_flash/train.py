@@ -90,6 +90,13 @@ def discriminator_step(adv, disc, x0_real, x0_fake, cond, gen):
 
 # ----------------------------------------------------------------------------------------------------------- ckpt
 
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, net: torch.nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * net, parameter by parameter."""
+    for pe, p in zip(ema.parameters(), net.parameters()):
+        pe.lerp_(p.detach(), 1 - decay)
+
+
 def save_checkpoint(run: Path, step: int, nets: dict, opts: dict, extra: dict) -> None:
     """Write ckpt.tmp fully, then swap it in: a killed or failed write never breaks the previous 'ckpt'."""
     from safetensors.torch import save_file
@@ -218,9 +225,7 @@ def distill(cfg: DistillConfig, resume: bool = False, teacher_bundle=None, datas
             parts["disc"] = loss_d.detach()
             bad |= ~torch.isfinite(loss_d.detach())
         # EMA of the student.
-        with torch.no_grad():
-            for pe, p in zip(ema.parameters(), acc.unwrap_model(student).parameters()):
-                pe.lerp_(p.detach(), 1 - cfg.ema_decay)
+        ema_update(ema, acc.unwrap_model(student), cfg.ema_decay)
         step += 1
         bar.update(1)
         is_ckpt = step % cfg.ckpt_every == 0 or step == cfg.max_steps
