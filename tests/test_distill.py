@@ -142,3 +142,32 @@ def test_cli_pretrain_tiny_run_and_resume(tmp_path):
     assert main(args[:4] + ["4"] + args[5:] + ["--resume"]) == 0
     assert json.loads((out / "ckpt" / "step.json").read_text())["step"] == 4
     assert (out / "model" / "unet" / "config.json").is_file() and (out / "samples" / "step0000004.png").is_file()
+
+
+def test_failed_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
+    """A write that dies half-way (a full disk, a kill) leaves the previous 'ckpt' complete and loadable."""
+    import safetensors.torch
+
+    from imagine_flash import train
+
+    net, opt = torch.nn.Linear(2, 2), None
+    opt = torch.optim.Adam(net.parameters())
+    train.save_checkpoint(tmp_path, 1, {"student": net}, {"g": opt}, {})
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    calls = {"n": 0}
+    real = safetensors.torch.save_file
+
+    def dying_save(*a, **kw):
+        calls["n"] += 1
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", dying_save)
+    with pytest.raises(OSError):
+        train.save_checkpoint(tmp_path, 2, {"student": net}, {"g": opt}, {})
+    monkeypatch.setattr(safetensors.torch, "save_file", real)
+    fresh = torch.nn.Linear(2, 2)
+    step = train.load_checkpoint(tmp_path, {"student": fresh}, {"g": torch.optim.Adam(fresh.parameters())})
+    assert step == 1 and calls["n"] == 1
+    assert all(torch.equal(fresh.state_dict()[k], before[k]) for k in before)
