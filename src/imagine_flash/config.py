@@ -146,7 +146,7 @@ class DistillConfig:
     rollout_weights: str = "live"  # which student weights run the no-grad rollout: 'live' or 'ema'
     batch_size: int = 32  # global batch (split across processes)
     grad_accum: int = 1  # gradient accumulation steps
-    lr: float = 2e-5  # student Adam learning rate
+    lr: float = 1e-4  # student Adam learning rate (measured against 2e-4, see docs/distill_default.md)
     adam_betas: tuple = (0.9, 0.999)  # student Adam betas
     adv_weight: float = 0.05  # weight of the adversarial generator term (0 turns the discriminator off)
     disc_lr: float = 1e-4  # discriminator Adam learning rate (paper: 1e-4)
