@@ -90,7 +90,7 @@ def test_srl_teacher_starts_at_gamma_and_takes_k_steps():
     teacher_net = Recorder(0.2)
     student = Denoiser(Recorder(0.5), S)
     loss = FlashLoss(S, [999, 750, 500], k=k)
-    out = loss(student, student, Denoiser(teacher_net, S), torch.zeros(B, 3, 4, 4), cond_of(B),
+    loss(student, student, Denoiser(teacher_net, S), torch.zeros(B, 3, 4, 4), cond_of(B),
                torch.Generator().manual_seed(3))
     assert len(teacher_net.calls) == k
     ts = torch.stack([t for _, t in teacher_net.calls], 1)  # (B, k)

@@ -39,11 +39,12 @@ def cmd_pretrain(args) -> None:
 def cmd_sample(args) -> None:
     import math
 
+    from .config import ConfigError
     from .generate import ModelRunner
     from .viz import grid_image, save_png
 
     if args.num_images < 1:
-        raise ConfigError_("--num-images must be at least 1")
+        raise ConfigError("--num-images must be at least 1")
     runner = ModelRunner(args.model)
     if args.no_noise_correction and not runner.is_student:
         solver = "flash"  # the student sampler without Eq. 9 on a teacher, for comparisons
@@ -169,9 +170,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def ConfigError_(msg):
-    from .config import ConfigError
-    return ConfigError(msg)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,7 +5,7 @@ or a plain callable), converting v-prediction to eps and classifier-free guidanc
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import copy
 import csv
-import dataclasses
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from .config import DistillConfig, resolve_variant, save_config
-from .denoisers import Cond, Denoiser
+from .denoisers import Denoiser
 from .encoders import PixelEncoder
 from .schedule import STUDENT_TIMESTEPS, Schedule, make_schedule
 
