@@ -130,7 +130,7 @@ def load_checkpoint(run: Path, nets: dict, opts: dict) -> int:
 # ----------------------------------------------------------------------------------------------------------- loop
 
 def distill(cfg: DistillConfig, resume: bool = False, teacher_bundle=None, dataset=None, text=None) -> Path:
-    """Train a student with cfg.method; write the student, config, logs, grids and (optionally) metrics."""
+    """Train a student with cfg.method; write the student, the resolved config, logs and sample grids."""
     from accelerate import Accelerator
 
     from .losses.discriminator import HingeAdversarial, UNetEncoderDiscriminator
