@@ -51,8 +51,8 @@ class ModelRunner:
 
     def noise(self, seeds: list[int]) -> torch.Tensor:
         """x_T per seed: sample i depends only on its own seed, whatever the batch."""
-        shape = (self.channels, self.resolution, self.resolution)
-        return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+        from .sampling import seeded_noise
+        return seeded_noise(seeds, (self.channels, self.resolution, self.resolution))
 
     @torch.inference_mode()
     def sample(self, prompts: list[str], seeds: list[int], steps: int | None = None, guidance_scale: float | None = None,

@@ -9,6 +9,11 @@ from .denoisers import Cond
 from .schedule import Schedule, ddim_step, noise_corrected_step, x0_from_eps
 
 
+def seeded_noise(seeds: Sequence[int], shape: tuple) -> torch.Tensor:
+    """x_T (N, *shape), sample i drawn from its own seed: the same image for a seed whatever the batch."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+
+
 def flash_step(denoiser, x_t: torch.Tensor, t, t_next, x_T: torch.Tensor, cond: Cond, schedule: Schedule,
                noise_correction: bool, is_first) -> tuple[torch.Tensor, torch.Tensor]:
     """One student step (Eq. 4, or Eq. 9 at t = T): returns (x_{t'}, x0_hat). t_next = -1 means the clean end."""

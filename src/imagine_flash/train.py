@@ -274,11 +274,11 @@ def _grid_prompts(dataset) -> list[str]:
 @torch.no_grad()
 def _sample_grid(path, models: Models, ema, text, prompts, seeds, timesteps, cfg, encoder, sched_cfg, res, ch):
     """Teacher at 25 DPM-Solver++ steps next to the (EMA) student at its steps: same prompts and seeds."""
-    from .sampling import flash_sample, scheduler_sample, teacher_scheduler
+    from .sampling import flash_sample, scheduler_sample, seeded_noise, teacher_scheduler
     from .viz import labelled_rows, save_png
 
     dev = next(ema.parameters()).device
-    x_T = torch.stack([torch.randn(ch, res, res, generator=torch.Generator().manual_seed(s)) for s in seeds]).to(dev)
+    x_T = seeded_noise(seeds, (ch, res, res)).to(dev)
     cond = text(prompts).to(dev)
     teacher = scheduler_sample(models.teacher, teacher_scheduler("dpmpp", sched_cfg), x_T, cond, 25)
     student = flash_sample(Denoiser(ema, models.schedule), x_T, cond, timesteps, models.schedule,
