@@ -82,7 +82,10 @@ def cmd_distill(args) -> None:
         return
     student = distill(cfg, resume=args.resume)
     print(f"student written to {student}")
-    if cfg.eval_samples > 0:
+    if cfg.eval_samples > 0 and cfg.dataset not in (None, "fashion"):
+        # The metrics use the embedded test split, its prompts and its classifier: wrong for other data.
+        print("metrics.json skipped: FID/alignment are defined on the embedded data only (use --eval-samples 0)")
+    elif cfg.eval_samples > 0:
         from .eval.metrics import evaluate_run
         metrics = evaluate_run(cfg, student)
         print(json.dumps(metrics, indent=2))
