@@ -33,8 +33,8 @@ class Schedule:
 
 def _lookup(table: torch.Tensor, t, end_value: float) -> torch.Tensor:
     t = torch.as_tensor(t, dtype=torch.long)
-    out = table[t.clamp(min=0).cpu()]
-    return torch.where(t.cpu() < 0, torch.full_like(out, end_value), out)
+    out = table.to(t.device)[t.clamp(min=0)]  # look up where t lives: no device-to-host sync in the hot loop
+    return torch.where(t < 0, torch.full_like(out, end_value), out)
 
 
 def make_schedule(num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012,
@@ -105,6 +105,6 @@ def gamma_shift(t: torch.Tensor, table: tuple[tuple[int, int], ...] = ((900, 990
 
 def uniform_timesteps(t_start, k: int) -> torch.Tensor:
     """k time-uniform teacher steps from t_start down toward 0: t_start, t_start - t_start/k, ... (B, k) long."""
-    t_start = torch.as_tensor(t_start, dtype=torch.float64).reshape(-1, 1)
-    frac = torch.arange(k, dtype=torch.float64) / k
+    t_start = torch.as_tensor(t_start).to(torch.float64).reshape(-1, 1)
+    frac = torch.arange(k, dtype=torch.float64, device=t_start.device) / k
     return (t_start * (1 - frac)).round().long()

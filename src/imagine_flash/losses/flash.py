@@ -49,7 +49,7 @@ def srl_target(teacher, x0_student: torch.Tensor, t: torch.Tensor, cond: Cond, s
     """
     t_shift = gamma_shift(t, gamma_table)
     eps = torch.randn(x0_student.shape, generator=gen).to(x0_student)
-    ts = uniform_timesteps(t_shift.cpu(), k).to(x0_student.device)
+    ts = uniform_timesteps(t_shift, k)
     with torch.inference_mode():  # the teacher is the main cost: no autograd bookkeeping at all
         chi = q_sample(x0_student.detach(), eps, schedule.alpha(t_shift), schedule.sigma(t_shift))
         target = ddim_sample(teacher, chi, cond, ts, schedule)
@@ -58,7 +58,7 @@ def srl_target(teacher, x0_student: torch.Tensor, t: torch.Tensor, cond: Cond, s
 
 def eq7_target(teacher, x_t: torch.Tensor, t: torch.Tensor, cond: Cond, schedule: Schedule, k: int) -> torch.Tensor:
     """Eq. 7 target (no shift): k uniform teacher DDIM steps with CFG from the student's own x_{T->t}."""
-    ts = uniform_timesteps(t.cpu(), k).to(x_t.device)
+    ts = uniform_timesteps(t, k)
     with torch.inference_mode():
         target = ddim_sample(teacher, x_t, cond, ts, schedule)
     return target.clone()
