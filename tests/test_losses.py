@@ -30,6 +30,12 @@ class Recorder:
         return self.c * x_t
 
 
+def call(loss, student, rollout, teacher, *args):
+    """Run a method's loss with the denoisers it may use (train.Models)."""
+    from imagine_flash.train import Models
+    return loss(Models(student=student, rollout=rollout, teacher=teacher, ema=None, schedule=S, disc=None), *args)
+
+
 def cond_of(B):
     return Cond(torch.zeros(B, 2, 4), torch.ones(B, 2, dtype=torch.bool))
 
@@ -42,7 +48,7 @@ def test_backward_rollout_uses_only_noise_and_student_outputs():
     loss = FlashLoss(S, [999, 750, 500], k=2)
     x0_real = torch.full((B, 3, 4, 4), float("nan"))  # any use of data would poison the loss
     gen = torch.Generator().manual_seed(0)
-    out = loss(student, student, teacher, x0_real, cond_of(B), gen)
+    out = call(loss, student, student, teacher, x0_real, cond_of(B), gen)
     assert torch.isfinite(out["recon"]).all()
     # Replay the rollout by hand from the same x_T: every state the student saw is a function of x_T and its eps.
     gen = torch.Generator().manual_seed(0)
@@ -68,12 +74,12 @@ def test_no_backward_uses_forward_noised_data():
     teacher = Denoiser(Recorder(0.1), S)
     loss = FlashLoss(S, [999, 750, 500], k=2, backward=False)
     x0_nan = torch.full((B, 3, 4, 4), float("nan"))
-    out = loss(student, student, teacher, x0_nan, cond_of(B), torch.Generator().manual_seed(0))
+    out = call(loss, student, student, teacher, x0_nan, cond_of(B), torch.Generator().manual_seed(0))
     assert torch.isnan(out["recon"]).all()  # the data entered the student's input
     # And the input is exactly q(x0, eps, t) of Eq. 1.
     net = Recorder(0.5)
     x0 = torch.randn(B, 3, 4, 4)
-    loss(Denoiser(net, S), None, teacher, x0, cond_of(B), torch.Generator().manual_seed(1))
+    call(loss, Denoiser(net, S), None, teacher, x0, cond_of(B), torch.Generator().manual_seed(1))
     g = torch.Generator().manual_seed(1)
     eps = torch.randn(x0.shape, generator=g)
     i = torch.randint(0, 3, (B,), generator=g)
@@ -90,7 +96,7 @@ def test_srl_teacher_starts_at_gamma_and_takes_k_steps():
     teacher_net = Recorder(0.2)
     student = Denoiser(Recorder(0.5), S)
     loss = FlashLoss(S, [999, 750, 500], k=k)
-    loss(student, student, Denoiser(teacher_net, S), torch.zeros(B, 3, 4, 4), cond_of(B),
+    call(loss, student, student, Denoiser(teacher_net, S), torch.zeros(B, 3, 4, 4), cond_of(B),
                torch.Generator().manual_seed(3))
     assert len(teacher_net.calls) == k
     ts = torch.stack([t for _, t in teacher_net.calls], 1)  # (B, k)
@@ -109,7 +115,7 @@ def test_srl_value_by_hand():
     stu, tea = 0.5, 0.2
     loss = FlashLoss(S, [999], k=1)
     B = 4
-    out = loss(Denoiser(lambda x, t, c: stu * x, S), Denoiser(lambda x, t, c: stu * x, S),
+    out = call(loss, Denoiser(lambda x, t, c: stu * x, S), Denoiser(lambda x, t, c: stu * x, S),
                Denoiser(lambda x, t, c: tea * x, S), torch.zeros(B, 3, 2, 2), cond_of(B),
                torch.Generator().manual_seed(5))
     g = torch.Generator().manual_seed(5)
@@ -126,7 +132,7 @@ def test_srl_value_by_hand():
 
 
 def test_no_srl_has_no_reconstruction_term():
-    out = FlashLoss(S, [999], reconstruction="none")(Denoiser(lambda x, t, c: x, S), Denoiser(lambda x, t, c: x, S),
+    out = call(FlashLoss(S, [999], reconstruction="none"), Denoiser(lambda x, t, c: x, S), Denoiser(lambda x, t, c: x, S),
                                                       None, torch.zeros(2, 3, 2, 2), cond_of(2),
                                                       torch.Generator().manual_seed(0))
     assert "recon" not in out and out["x0_student"].shape == (2, 3, 2, 2)

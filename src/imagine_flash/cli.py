@@ -12,13 +12,16 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
 
 
-def _resolve(cfg, args, direct: dict):
+def _resolve(cfg, args, direct: dict, explicit: set | None = None):
+    """YAML, then the command line's options, then --set; `explicit` collects the keys the user set."""
     from .config import apply_overrides, load_yaml, parse_sets
 
-    if args.config:
-        apply_overrides(cfg, load_yaml(args.config), args.config)
-    apply_overrides(cfg, {k: v for k, v in direct.items() if v is not None}, "command line")
-    apply_overrides(cfg, parse_sets(args.set), "--set")
+    layers = [(load_yaml(args.config), args.config)] if args.config else []
+    layers += [({k: v for k, v in direct.items() if v is not None}, "command line"), (parse_sets(args.set), "--set")]
+    for values, source in layers:
+        apply_overrides(cfg, values, source)
+        if explicit is not None:
+            explicit.update(values)
     return cfg
 
 
@@ -64,15 +67,15 @@ def cmd_distill(args) -> None:
     import json
     from pathlib import Path
 
-    from .config import DistillConfig, resolve_variant
+    from .config import DistillConfig, apply_method_defaults, resolve_variant
     from .train import distill
 
-    cfg = DistillConfig()
+    cfg, explicit = DistillConfig(), set()
     direct = {"student_steps": args.student_steps, "max_steps": args.max_steps, "eval_samples": args.eval_samples,
               "seed": args.seed, "out": args.out, "teacher": args.teacher, "dataset": args.dataset,
               "method": args.method, "variant": args.variant}
-    cfg = _resolve(cfg, args, direct)
-    if args.out is None and not any(s.startswith("out=") for s in args.set):
+    cfg = apply_method_defaults(_resolve(cfg, args, direct, explicit), explicit)
+    if "out" not in explicit:
         cfg.out = f"runs/{cfg.method}-{cfg.variant}-{cfg.student_steps}step"
     resolve_variant(cfg)
     if args.teacher is not None and not Path(args.teacher).exists():
@@ -133,14 +136,16 @@ def build_parser() -> argparse.ArgumentParser:
     pt.set_defaults(fn=cmd_pretrain)
 
     ds = sub.add_parser("distill", help="distil the teacher into a few-step student (default: the embedded job)")
-    ds.add_argument("--student-steps", type=int, choices=(1, 2, 3), help="student steps (default 3)")
+    ds.add_argument("--student-steps", type=int, choices=(1, 2, 3, 4), help="student steps (default 3; add and "
+                    "progressive: 4)")
     ds.add_argument("--max-steps", type=int, help="student updates")
     ds.add_argument("--eval-samples", type=int, help="images per model for metrics.json (0: skip)")
     ds.add_argument("--seed", type=int, help="random seed")
     ds.add_argument("--out", help="run folder (default runs/<method>-<variant>-<n>step)")
     ds.add_argument("--teacher", help="teacher model folder (default: the shipped teacher)")
     ds.add_argument("--dataset", help="imagefolder with metadata.jsonl or .txt captions (default: embedded data)")
-    ds.add_argument("--method", help="distillation method (default flash)")
+    ds.add_argument("--method", choices=("flash", "lcm", "add", "progressive"),
+                    help="distillation method, a loss of the one loop (default flash)")
     ds.add_argument("--variant", help="ablation: full, no-nc, no-disc, no-backward, no-srl")
     _add_config_args(ds)
     ds.set_defaults(fn=cmd_distill)

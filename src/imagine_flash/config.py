@@ -126,6 +126,14 @@ VARIANTS = {  # paper Table 3 ablations as config switches
 }
 
 
+METHODS = {  # the losses of the one loop, and the defaults each method changes (the user's settings win)
+    "flash": {},  # Imagine Flash: backward distillation + SRL + discriminator (this paper)
+    "lcm": {"adv_weight": 0.0},  # latent consistency distillation (Luo et al. 2023): no discriminator
+    "add": {"student_steps": 4, "adv_weight": 0.4},  # ADD (Sauer et al. 2023) at 4 steps; L_adv + 2.5 L_distill
+    "progressive": {"student_steps": 4, "adv_weight": 0.0},  # progressive distillation to 4 steps, no discriminator
+}
+
+
 @dataclass
 class DistillConfig:
     """Distilling a teacher into a few-step student with one of the methods of the one training loop."""
@@ -133,9 +141,9 @@ class DistillConfig:
     out: str = "runs/flash"  # run folder: checkpoints, samples, logs, the student in student/, metrics.json
     teacher: str | None = None  # teacher model folder (default: the shipped embedded teacher)
     dataset: str | None = None  # None/'fashion' = embedded coloured Fashion-MNIST, or an imagefolder path
-    method: str = "flash"  # the loss plugged into the loop: flash (more methods plug in the same way)
+    method: str = "flash"  # the loss plugged into the loop: flash, lcm, add, progressive (see METHODS)
     variant: str = "full"  # a Table 3 ablation: full, no-nc, no-disc, no-backward, no-srl
-    student_steps: int = 3  # number of student steps; picks the paper's timesteps for 1, 2, 3
+    student_steps: int = 3  # number of student steps; flash: the paper's timesteps for 1-3, else trailing ones
     student_timesteps: tuple | None = None  # explicit student timesteps, overriding student_steps' defaults
     noise_correction: bool = True  # Eq. 9 in the training rollouts and at inference
     backward: bool = True  # §4.1 backward distillation (False: forward-noised real data)
@@ -167,6 +175,19 @@ class DistillConfig:
     eval_batch: int = 250  # generation batch size for evaluation and timing
     threads: int = 0  # torch threads (0: leave torch's default)
     resolution: int | None = None  # training resolution for user datasets (default: the teacher's sample size)
+    lcm_ddim_timesteps: int = 50  # lcm: the teacher solver's DDIM grid (skipping step k = T / this)
+    lcm_loss: str = "l2"  # lcm: consistency distance, 'l2' or 'huber' (c = 0.001)
+    progressive_stages: int = 3  # progressive: halvings, e.g. 3 stages to 4 steps = 32 -> 16 -> 8 -> 4
+
+
+def apply_method_defaults(cfg: DistillConfig, explicit: set[str] = frozenset()) -> DistillConfig:
+    """Set the defaults of cfg.method (METHODS) on every field the user did not set explicitly."""
+    if cfg.method not in METHODS:
+        raise ConfigError(f"unknown method {cfg.method!r}; choose one of {', '.join(METHODS)}")
+    for k, v in METHODS[cfg.method].items():
+        if k not in explicit:
+            setattr(cfg, k, v)
+    return cfg
 
 
 def resolve_variant(cfg: DistillConfig) -> DistillConfig:

@@ -38,11 +38,22 @@ class ModelRunner:
     def default_steps(self) -> int:
         return len(self.meta["timesteps"]) if self.is_student else 25
 
+    @property
+    def sampler(self) -> str:
+        """The student's own sampler ('flash', 'ddim' or 'lcm'), or 'dpmpp' for a teacher."""
+        return self.meta.get("sampler", "flash") if self.is_student else "dpmpp"
+
     def scheduler(self, steps: int, solver: str | None = None, noise_correction: bool | None = None):
         from .sampling import teacher_scheduler
         from .scheduler import FlashScheduler
 
-        solver = solver or ("flash" if self.is_student else "dpmpp")
+        solver = solver or self.sampler
+        if solver == "lcm":
+            from diffusers import LCMScheduler
+            return LCMScheduler(**self.sched_cfg, prediction_type="epsilon", clip_sample=False, set_alpha_to_one=True,
+                                original_inference_steps=int(self.meta.get("lcm_ddim_timesteps", 50)))
+        if solver == "ddim" and self.is_student:  # progressive: DDIM through its own timesteps
+            return FlashScheduler(**self.sched_cfg, noise_correction=False, timesteps=self.meta.get("timesteps"))
         if solver == "flash":
             nc = self.meta.get("noise_correction", True) if noise_correction is None else noise_correction
             return FlashScheduler(**self.sched_cfg, noise_correction=nc,
@@ -59,7 +70,7 @@ class ModelRunner:
                solver: str | None = None, noise_correction: bool | None = None, batch: int = 250,
                progress: bool = False) -> tuple[torch.Tensor, float]:
         """Images in [-1, 1] (N, 3, H, W) and the wall seconds spent generating them (text encoding excluded)."""
-        from .sampling import scheduler_sample
+        from .sampling import sample_generators, scheduler_sample
 
         steps = steps or self.default_steps()
         if guidance_scale is None:
@@ -72,7 +83,8 @@ class ModelRunner:
             cond = self.text(prompts[i:i + batch])
             x_T = self.noise(seeds[i:i + batch])
             t0 = time.perf_counter()
-            x = scheduler_sample(den, sched, x_T, cond, num_steps=steps, timesteps=student_ts)
+            gens = sample_generators(seeds[i:i + batch])  # per-sample noise for stochastic samplers (LCM, ADD)
+            x = scheduler_sample(den, sched, x_T, cond, num_steps=steps, timesteps=student_ts, generator=gens)
             out.append(self.encoder.decode(x))
             seconds += time.perf_counter() - t0
         return torch.cat(out), seconds

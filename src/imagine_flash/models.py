@@ -52,13 +52,11 @@ def save_model_folder(out: str | Path, unet, schedule_config: dict, meta: dict, 
     _replace_dir(tmp, out)
 
 
-def save_student(out: str | Path, unet, schedule_config: dict, timesteps, noise_correction: bool, meta: dict) -> None:
-    """A student folder whose scheduler is FlashScheduler with its trained timesteps and noise correction fixed."""
-    from .scheduler import FlashScheduler
-
-    sched = FlashScheduler(**schedule_config, noise_correction=noise_correction, timesteps=list(timesteps))
-    save_model_folder(out, unet, schedule_config, {**meta, "timesteps": list(timesteps),
-                                                   "noise_correction": noise_correction}, scheduler=sched)
+def save_student(out: str | Path, unet, schedule_config: dict, timesteps, scheduler, meta: dict) -> None:
+    """A student folder with the method's sampler as its scheduler (FlashScheduler with the trained timesteps and
+    noise correction fixed, for flash) and its timesteps in the metadata."""
+    save_model_folder(out, unet, schedule_config, {"noise_correction": False, **meta, "timesteps": list(timesteps)},
+                      scheduler=scheduler)
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:

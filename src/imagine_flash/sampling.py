@@ -14,6 +14,11 @@ def seeded_noise(seeds: Sequence[int], shape: tuple) -> torch.Tensor:
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
 
 
+def sample_generators(seeds: Sequence[int]) -> list[torch.Generator]:
+    """One generator per sample for stochastic samplers (LCM/ADD re-noising), independent of x_T's stream."""
+    return [torch.Generator().manual_seed(int(s) + 1_000_003) for s in seeds]
+
+
 def flash_step(denoiser, x_t: torch.Tensor, t, t_next, x_T: torch.Tensor, cond: Cond, schedule: Schedule,
                noise_correction: bool, is_first) -> tuple[torch.Tensor, torch.Tensor]:
     """One student step (Eq. 4, or Eq. 9 at t = T): returns (x_{t'}, x0_hat). t_next = -1 means the clean end."""

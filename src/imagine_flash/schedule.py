@@ -108,3 +108,21 @@ def uniform_timesteps(t_start, k: int) -> torch.Tensor:
     t_start = torch.as_tensor(t_start).to(torch.float64).reshape(-1, 1)
     frac = torch.arange(k, dtype=torch.float64, device=t_start.device) / k
     return (t_start * (1 - frac)).round().long()
+
+
+def trailing_timesteps(n: int, num_train_timesteps: int = 1000) -> list[int]:
+    """n 'trailing' timesteps (Lin et al. 2024, as diffusers' timestep_spacing='trailing'): T-1, ..., e.g. 4 -> 999, 749, 499, 249."""
+    return [int(round(num_train_timesteps - j * num_train_timesteps / n)) - 1 for j in range(n)]
+
+
+def truncated_snr_weight(alpha_t, sigma_t) -> torch.Tensor:
+    """Salimans & Ho 2022 'truncated SNR' loss weight for an x0-space loss: max(alpha_t^2 / sigma_t^2, 1)."""
+    return torch.clamp(torch.as_tensor(alpha_t) ** 2 / torch.as_tensor(sigma_t) ** 2, min=1.0)
+
+
+def consistency_scalings(t, sigma_data: float = 0.5, timestep_scaling: float = 10.0):
+    """LCM boundary-condition scalings (c_skip, c_out) at timestep t, as diffusers' LCMScheduler computes them."""
+    st = torch.as_tensor(t, dtype=torch.float64) * timestep_scaling
+    c_skip = sigma_data ** 2 / (st ** 2 + sigma_data ** 2)
+    c_out = st / (st ** 2 + sigma_data ** 2) ** 0.5
+    return c_skip.float(), c_out.float()

@@ -14,10 +14,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .config import DistillConfig, resolve_variant, save_config
+from .config import METHODS, ConfigError, DistillConfig, resolve_variant, save_config
 from .denoisers import Denoiser
 from .encoders import PixelEncoder
-from .schedule import STUDENT_TIMESTEPS, Schedule, make_schedule
+from .rng import Shard
+from .schedule import STUDENT_TIMESTEPS, Schedule, make_schedule, trailing_timesteps
 
 
 class NonFiniteLoss(RuntimeError):
@@ -31,30 +32,52 @@ class Models:
     student: Denoiser  # live student, no CFG (CFG is distilled in)
     rollout: Denoiser  # the weights that run the no-grad backward rollout (live or EMA)
     teacher: Denoiser  # frozen teacher with CFG
+    ema: Denoiser | None  # EMA of the student, no CFG (LCM's target network, progressive's next teacher)
     schedule: Schedule
     disc: torch.nn.Module | None
 
 
 def student_timesteps(cfg: DistillConfig) -> list[int]:
+    """The student's timesteps: explicit ones, the paper's for flash at 1-3 steps, else n trailing timesteps."""
     if cfg.student_timesteps:
         return [int(t) for t in cfg.student_timesteps]
-    if cfg.student_steps not in STUDENT_TIMESTEPS:
-        raise ValueError(f"student_steps={cfg.student_steps}: give student_timesteps for other step counts")
-    return list(STUDENT_TIMESTEPS[cfg.student_steps])
+    if cfg.method == "flash" and cfg.student_steps in STUDENT_TIMESTEPS:
+        return list(STUDENT_TIMESTEPS[cfg.student_steps])
+    if cfg.method == "lcm":
+        from .losses.lcm import lcm_timesteps
+        return lcm_timesteps(cfg.student_steps, cfg.lcm_ddim_timesteps)
+    if cfg.student_steps < 1:
+        raise ConfigError(f"student_steps={cfg.student_steps}: must be at least 1")
+    return trailing_timesteps(cfg.student_steps)
 
 
-def build_method(cfg: DistillConfig, schedule: Schedule, timesteps: list[int]):
-    """The loss of cfg.method, built from the config. New methods plug in here."""
+def build_method(cfg: DistillConfig, schedule: Schedule, timesteps: list[int], teacher_net=None):
+    """The loss of cfg.method, built from the config. Every method is a loss of the same loop, with:
+
+    __call__(models, x0_real, cond, gen) -> {'recon': (B,) per-sample loss, 'x0_student': x0_hat with grad};
+    `sampler`, `needs_data`, export_scheduler(schedule_config, timesteps); optionally nets() (extra state for the
+    checkpoint) and begin_step(step, models).
+    """
     if cfg.method == "flash":
         from .losses.flash import FlashLoss
         return FlashLoss(schedule, timesteps, k=cfg.k, backward=cfg.backward, reconstruction=cfg.reconstruction,
                          noise_correction=cfg.noise_correction, gamma_table=cfg.gamma_table)
-    raise ValueError(f"unknown method {cfg.method!r}")
+    if cfg.method == "lcm":
+        from .losses.lcm import LCMLoss
+        return LCMLoss(schedule, num_ddim_timesteps=cfg.lcm_ddim_timesteps, loss=cfg.lcm_loss)
+    if cfg.method == "add":
+        from .losses.add import ADDLoss
+        return ADDLoss(schedule, timesteps)
+    if cfg.method == "progressive":
+        from .losses.progressive import ProgressiveLoss
+        return ProgressiveLoss(schedule, timesteps, cfg.progressive_stages, cfg.max_steps, teacher_net)
+    raise ConfigError(f"unknown method {cfg.method!r}; choose one of {', '.join(METHODS)}")
 
 
-def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
-    """Every random draw of a step comes from here: reproducible, and resume needs no hidden state."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 64 + rank)
+def step_generator(seed: int, step: int, rank: int = 0, world: int = 1) -> Shard:
+    """Every random draw of a step comes from here: reproducible, resume needs no hidden state, and a sample's draws
+    do not depend on the number of processes (see rng.Shard)."""
+    return Shard(torch.Generator().manual_seed(seed * 1_000_003 + step), rank, world)
 
 
 def batch_indices(n: int, step: int, batch_size: int, seed: int, rank: int, world: int) -> torch.Tensor:
@@ -69,7 +92,7 @@ def batch_indices(n: int, step: int, batch_size: int, seed: int, rank: int, worl
 
 def generator_step(method, models: Models, x0_real, cond, gen, adv, adv_weight: float):
     """Student loss of one batch: the method's reconstruction term plus the weighted adversarial term."""
-    out = method(models.student, models.rollout, models.teacher, x0_real, cond, gen)
+    out = method(models, x0_real, cond, gen)
     losses = {}
     total = 0.0
     if "recon" in out:
@@ -173,7 +196,9 @@ def distill(cfg: DistillConfig, resume: bool = False, teacher_bundle=None, datas
         disc = UNetEncoderDiscriminator(teacher_unet).to(acc.device) if adv else None
     opt_g = torch.optim.Adam(student.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas))
     opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.disc_lr, betas=tuple(cfg.disc_betas)) if disc else None
-    nets = {"student": student, "ema": ema, **({"disc": disc} if disc else {})}
+    method = build_method(cfg, schedule, timesteps, teacher_unet)
+    method_nets = method.nets() if hasattr(method, "nets") else {}
+    nets = {"student": student, "ema": ema, **({"disc": disc} if disc else {}), **method_nets}
     opts = {"g": opt_g, **({"d": opt_d} if opt_d else {})}
     step = 0
     if resume and (run / "ckpt" / "state.pt").is_file():
@@ -185,8 +210,8 @@ def distill(cfg: DistillConfig, resume: bool = False, teacher_bundle=None, datas
     ema = ema.to(acc.device)
     models = Models(student=Denoiser(student, schedule), teacher=Denoiser(
         teacher_unet, schedule, guidance_scale=cfg.guidance_scale, null_cond=null),
-        rollout=Denoiser(ema if cfg.rollout_weights == "ema" else student, schedule), schedule=schedule, disc=disc)
-    method = build_method(cfg, schedule, timesteps)
+        rollout=Denoiser(ema if cfg.rollout_weights == "ema" else student, schedule), ema=Denoiser(ema, schedule),
+        schedule=schedule, disc=disc)
     grid_prompts, grid_seeds = _grid_prompts(dataset), list(range(8))
     log_f = open(run / "log.csv", "a", newline="") if acc.is_main_process else None
     log = csv.writer(log_f) if log_f else None
@@ -198,7 +223,9 @@ def distill(cfg: DistillConfig, resume: bool = False, teacher_bundle=None, datas
     t0 = time.time()
     last = {}
     while step < cfg.max_steps:
-        gen = step_generator(cfg.seed, step, acc.process_index)
+        gen = step_generator(cfg.seed, step, acc.process_index, acc.num_processes)
+        if hasattr(method, "begin_step"):
+            method.begin_step(step, models)
         idx = batch_indices(len(dataset), step, cfg.batch_size, cfg.seed, acc.process_index, acc.num_processes)
         items = [dataset[int(i)] for i in idx]
         x0_real = encoder.encode(torch.stack([it["image"] for it in items]).to(acc.device))
@@ -248,13 +275,16 @@ def distill(cfg: DistillConfig, resume: bool = False, teacher_bundle=None, datas
                                             **({"disc": acc.unwrap_model(disc)} if disc else {})}, opts, {})
         if acc.is_main_process and (step % cfg.sample_every == 0 or step == cfg.max_steps):
             _sample_grid(run / "samples" / f"step{step:06d}.png", models, ema, text, grid_prompts, grid_seeds,
-                         timesteps, cfg, encoder, sched_cfg, resolution, teacher_unet.config.in_channels)
+                         timesteps, method.export_scheduler(sched_cfg, timesteps), encoder, sched_cfg, resolution,
+                         teacher_unet.config.in_channels)
     bar.close()
     minutes = (time.time() - t0) / 60
     if acc.is_main_process:
-        save_student(run / "student", ema, sched_cfg, timesteps, cfg.noise_correction,
+        save_student(run / "student", ema, sched_cfg, timesteps, method.export_scheduler(sched_cfg, timesteps),
                      {**meta, "kind": "imagine-flash student", "method": cfg.method, "variant": cfg.variant,
-                      "teacher_guidance_scale": cfg.guidance_scale, "train_steps": step})
+                      "sampler": method.sampler, "noise_correction": method.sampler == "flash" and cfg.noise_correction,
+                      "teacher_guidance_scale": cfg.guidance_scale, "train_steps": step,
+                      **({"lcm_ddim_timesteps": cfg.lcm_ddim_timesteps} if cfg.method == "lcm" else {})})
         (run / "train.json").write_text(json.dumps({"steps": step, "train_minutes": minutes, **last}, indent=2))
         if log_f:
             log_f.close()
@@ -272,17 +302,17 @@ def _grid_prompts(dataset) -> list[str]:
 
 
 @torch.no_grad()
-def _sample_grid(path, models: Models, ema, text, prompts, seeds, timesteps, cfg, encoder, sched_cfg, res, ch):
-    """Teacher at 25 DPM-Solver++ steps next to the (EMA) student at its steps: same prompts and seeds."""
-    from .sampling import flash_sample, scheduler_sample, seeded_noise, teacher_scheduler
+def _sample_grid(path, models: Models, ema, text, prompts, seeds, timesteps, scheduler, encoder, sched_cfg, res, ch):
+    """Teacher at 25 DPM-Solver++ steps next to the (EMA) student with its sampler: same prompts and seeds."""
+    from .sampling import sample_generators, scheduler_sample, seeded_noise, teacher_scheduler
     from .viz import labelled_rows, save_png
 
     dev = next(ema.parameters()).device
     x_T = seeded_noise(seeds, (ch, res, res)).to(dev)
     cond = text(prompts).to(dev)
     teacher = scheduler_sample(models.teacher, teacher_scheduler("dpmpp", sched_cfg), x_T, cond, 25)
-    student = flash_sample(Denoiser(ema, models.schedule), x_T, cond, timesteps, models.schedule,
-                           cfg.noise_correction)
+    student = scheduler_sample(Denoiser(ema, models.schedule), scheduler, x_T, cond, timesteps=timesteps,
+                               generator=sample_generators(seeds))
     save_png(labelled_rows([("teacher 25", encoder.decode(teacher)),
                             (f"student {len(timesteps)}", encoder.decode(student))], scale=4), path)
 

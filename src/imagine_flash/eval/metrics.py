@@ -42,14 +42,13 @@ def evaluate_model(runner, num_samples: int, steps: int | None = None, fid_refer
         f_real = classifier.features(real).double().numpy()
         f_gen = classifier.features(images).double().numpy()
     align = alignment(classifier, images, colors, classes)
-    is_student = runner.is_student and steps == runner.default_steps() and solver in (None, "flash")
     guided = (guidance_scale if guidance_scale is not None else (1.0 if runner.is_student else
               float(runner.meta.get("guidance_scale", 3.0)))) != 1.0
     return {"steps": steps, "nfe": steps * (2 if guided else 1), "num_samples": num_samples,
             "fid": float(fid_from_features(feats, ref)), "kid": _kid_value(kid_from_features(feats, ref)),
             "fid_indomain": float(fid_from_features(f_gen, f_real)),
             "color_acc": float(align["color_acc"]), "class_acc": float(align["class_acc"]),
-            "ms_per_image": 1000.0 * seconds / num_samples, "sampler": "flash" if is_student else (solver or "dpmpp")}, images
+            "ms_per_image": 1000.0 * seconds / num_samples, "sampler": solver or runner.sampler}, images
 
 
 def evaluate_run(cfg, student_path: str | Path) -> dict:

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from ..denoisers import Cond
+from ..rng import randint, randn
 from ..schedule import Schedule, q_sample
 
 
@@ -64,8 +65,8 @@ class HingeAdversarial:
 
     def _noised(self, x0: torch.Tensor, gen: torch.Generator):
         B = x0.shape[0]
-        t_d = torch.randint(0, self.t_max + 1, (B,), generator=gen).to(x0.device)
-        eps = torch.randn(x0.shape, generator=gen).to(x0)
+        t_d = randint(0, self.t_max + 1, B, gen, x0.device)
+        eps = randn(x0.shape, gen).to(x0)
         return t_d, eps
 
     def generator(self, disc, x0_fake: torch.Tensor, cond: Cond, gen: torch.Generator) -> torch.Tensor:

@@ -7,6 +7,7 @@ from typing import Sequence
 import torch
 
 from ..denoisers import Cond
+from ..rng import randint, randn
 from ..sampling import ddim_sample, rollout
 from ..schedule import Schedule, gamma_shift, q_sample, uniform_timesteps, x0_from_eps
 
@@ -25,8 +26,8 @@ def backward_input(rollout_denoiser, cond: Cond, timesteps: Sequence[int], sched
                    gen: torch.Generator, noise_correction: bool, device) -> StudentInput:
     """§4.1: x_{T->t} = stopgrad(f_Theta^{i}(x_T)), the student's own rollout from pure noise to its step i."""
     B = shape[0]
-    x_T = torch.randn(shape, generator=gen).to(device)
-    i = torch.randint(0, len(timesteps), (B,), generator=gen).to(device)
+    x_T = randn(shape, gen, device)
+    i = randint(0, len(timesteps), B, gen, device)
     x_t = rollout(rollout_denoiser, x_T, cond, timesteps, schedule, i, noise_correction)
     t = torch.as_tensor(timesteps, device=device)[i]
     return StudentInput(x_t, t, i, x_T)
@@ -35,8 +36,8 @@ def backward_input(rollout_denoiser, cond: Cond, timesteps: Sequence[int], sched
 def forward_input(x0: torch.Tensor, timesteps: Sequence[int], schedule: Schedule, gen: torch.Generator) -> StudentInput:
     """The no-backward ablation: standard forward distillation from x_t = q(x0, eps, t) (Eq. 1) of real data."""
     B = x0.shape[0]
-    eps = torch.randn(x0.shape, generator=gen).to(x0)
-    i = torch.randint(0, len(timesteps), (B,), generator=gen).to(x0.device)
+    eps = randn(x0.shape, gen).to(x0)
+    i = randint(0, len(timesteps), B, gen, x0.device)
     t = torch.as_tensor(timesteps, device=x0.device)[i]
     return StudentInput(q_sample(x0, eps, schedule.alpha(t), schedule.sigma(t)), t, i, eps)
 
@@ -48,7 +49,7 @@ def srl_target(teacher, x0_student: torch.Tensor, t: torch.Tensor, cond: Cond, s
     Returns (x0_hat of the teacher at its last step, the teacher's timesteps (B, k)).
     """
     t_shift = gamma_shift(t, gamma_table)
-    eps = torch.randn(x0_student.shape, generator=gen).to(x0_student)
+    eps = randn(x0_student.shape, gen).to(x0_student)
     ts = uniform_timesteps(t_shift, k)
     with torch.inference_mode():  # the teacher is the main cost: no autograd bookkeeping at all
         chi = q_sample(x0_student.detach(), eps, schedule.alpha(t_shift), schedule.sigma(t_shift))
@@ -71,6 +72,8 @@ class FlashLoss:
     'none' (the no-srl ablation: the adversarial term alone).
     """
 
+    sampler = "flash"
+
     def __init__(self, schedule: Schedule, timesteps: Sequence[int], k: int = 8, backward: bool = True,
                  reconstruction: str = "srl", noise_correction: bool = True,
                  gamma_table=((900, 990), (500, 950), (-1, 200))):
@@ -86,10 +89,15 @@ class FlashLoss:
                                   self.noise_correction, x0_real.device)
         return forward_input(x0_real, self.timesteps, self.schedule, gen)
 
-    def __call__(self, student, rollout_denoiser, teacher, x0_real: torch.Tensor, cond: Cond,
-                 gen: torch.Generator) -> dict[str, torch.Tensor]:
-        """Returns {'recon': (B,), 'x0_student': (B, C, H, W) with grad}."""
-        inp = self.student_input(rollout_denoiser, x0_real, cond, gen)
+    @property
+    def needs_data(self) -> bool:
+        """Backward distillation and SRL need no images; the no-backward ablation noises real data."""
+        return not self.backward
+
+    def __call__(self, models, x0_real: torch.Tensor, cond: Cond, gen) -> dict[str, torch.Tensor]:
+        """Returns {'recon': (B,), 'x0_student': (B, C, H, W) with grad}. `models`: train.Models (denoisers only)."""
+        student, teacher = models.student, models.teacher
+        inp = self.student_input(models.rollout, x0_real, cond, gen)
         eps_hat = student(inp.x_t, inp.t, cond)  # gradients flow only through this prediction
         x0_hat = x0_from_eps(inp.x_t, eps_hat, self.schedule.alpha(inp.t), self.schedule.sigma(inp.t))
         out = {"x0_student": x0_hat}
@@ -101,3 +109,9 @@ class FlashLoss:
             return out
         out["recon"] = (target - x0_hat).square().flatten(1).mean(1)
         return out
+
+    def export_scheduler(self, schedule_config: dict, timesteps):
+        """FlashScheduler with the student's timesteps and noise correction fixed."""
+        from ..scheduler import FlashScheduler
+
+        return FlashScheduler(**schedule_config, noise_correction=self.noise_correction, timesteps=list(timesteps))

@@ -1,0 +1,227 @@
+"""The baselines as losses of the one loop (LCM, ADD, progressive): their math against hand computation and
+diffusers, and tiny end-to-end runs (train, export, sample with the method's own sampler, resume)."""
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from imagine_flash.config import DistillConfig, apply_method_defaults
+from imagine_flash.denoisers import Cond, Denoiser
+from imagine_flash.losses.add import ADDLoss
+from imagine_flash.losses.lcm import LCMLoss, consistency_output, lcm_timesteps
+from imagine_flash.losses.progressive import ProgressiveLoss, two_step_target
+from imagine_flash.rng import Shard, randn
+from imagine_flash.schedule import consistency_scalings, ddim_step, make_schedule, trailing_timesteps
+from imagine_flash.train import Models
+
+from conftest import needs_data
+
+S = make_schedule()
+abar = S.alphas_cumprod
+
+
+def cond_of(B):
+    return Cond(torch.zeros(B, 2, 4), torch.ones(B, 2, dtype=torch.bool))
+
+
+def models(student, teacher, ema=None):
+    return Models(student=student, rollout=student, teacher=teacher, ema=ema, schedule=S, disc=None)
+
+
+def test_trailing_timesteps_match_diffusers():
+    from diffusers import DDIMScheduler
+
+    for n in (1, 2, 3, 4, 8):
+        d = DDIMScheduler(timestep_spacing="trailing")
+        d.set_timesteps(n)
+        assert trailing_timesteps(n) == d.timesteps.tolist()
+    assert trailing_timesteps(4) == [999, 749, 499, 249]
+
+
+def test_consistency_scalings_match_lcm_scheduler():
+    from diffusers import LCMScheduler
+
+    sched = LCMScheduler()
+    for t in (0, 1, 19, 259, 999):
+        c_skip, c_out = sched.get_scalings_for_boundary_condition_discrete(t)
+        cs, co = consistency_scalings(torch.tensor([t]))
+        assert float(cs) == pytest.approx(c_skip, rel=1e-6) and float(co) == pytest.approx(c_out, rel=1e-6)
+    assert lcm_timesteps(1) == [999] and lcm_timesteps(2) == [999, 499]
+
+
+def test_lcm_loss_against_hand_computation():
+    """Linear nets eps = c x: the whole LCM target can be written out by hand."""
+    B, cs, ct, ce = 16, 0.3, 0.6, 0.1
+    x0 = torch.randn(B, 3, 2, 2, generator=torch.Generator().manual_seed(3))
+    loss = LCMLoss(S, num_ddim_timesteps=50)
+    out = loss(models(Denoiser(lambda x, t, c: cs * x, S), Denoiser(lambda x, t, c: ct * x, S),
+                      Denoiser(lambda x, t, c: ce * x, S)), x0, cond_of(B), torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, 50, (B,), generator=g)
+    eps = torch.randn(x0.shape, generator=g)
+    for b in range(B):
+        t = 20 * int(idx[b]) + 19
+        tp = max(t - 20, 0)
+        a, s = math.sqrt(abar[t]), math.sqrt(1 - abar[t])
+        ap, sp = math.sqrt(abar[tp]), math.sqrt(1 - abar[tp])
+        x = a * x0[b].double() + s * eps[b].double()
+        f = lambda x, t, c: _f(x, t, c)  # noqa: E731
+        student = f(x, t, cs)
+        x0_t = (x - s * ct * x) / a
+        x_prev = ap * x0_t + sp * ct * x
+        target = f(x_prev, tp, ce)
+        want = (student - target).square().mean()
+        assert float(out["recon"][b]) == pytest.approx(float(want), rel=1e-4)
+
+
+def _f(x, t, c):
+    """LCM's f(x, t) = c_skip x + c_out x0_hat for a net eps = c x, in float64."""
+    st = 10.0 * t
+    c_skip, c_out = 0.25 / (st ** 2 + 0.25), st / math.sqrt(st ** 2 + 0.25)
+    a, s = math.sqrt(abar[t]), math.sqrt(1 - abar[t])
+    return c_skip * x + c_out * (x - s * c * x) / a
+
+
+def test_consistency_output_is_lcm_scheduler_denoised():
+    """Our f(x, t) equals what LCMScheduler.step computes as `denoised` for the same eps prediction."""
+    from diffusers import LCMScheduler
+
+    sched = LCMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False)
+    sched.set_timesteps(timesteps=[999, 499])
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    eps = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    out = sched.step(eps, 999, x)
+    torch.testing.assert_close(consistency_output(x, eps, torch.tensor([999, 999]), S), out.denoised,
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_add_loss_weighting_and_forward_noised_input():
+    B, cs, ce = 8, 0.2, 0.5
+    x0 = torch.randn(B, 3, 2, 2, generator=torch.Generator().manual_seed(5))
+    loss = ADDLoss(S, [999, 749, 499, 249])
+    out = loss(models(Denoiser(lambda x, t, c: cs * x, S), Denoiser(lambda x, t, c: ce * x, S)), x0, cond_of(B),
+               torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    i = torch.randint(0, 4, (B,), generator=g)
+    e1 = torch.randn(x0.shape, generator=g)
+    t = torch.randint(0, 1000, (B,), generator=g)
+    e2 = torch.randn(x0.shape, generator=g)
+    for b in range(B):
+        ts = [999, 749, 499, 249][int(i[b])]
+        a, s = math.sqrt(abar[ts]), math.sqrt(1 - abar[ts])
+        x = a * x0[b].double() + s * e1[b].double()  # forward-noised real data: ADD's student input
+        x0_hat = (x - s * cs * x) / a
+        tt = int(t[b])
+        at, st = math.sqrt(abar[tt]), math.sqrt(1 - abar[tt])
+        xt = at * x0_hat + st * e2[b].double()
+        target = (xt - st * ce * xt) / at
+        want = abar[tt] * (x0_hat - target).square().mean()
+        assert float(out["recon"][b]) == pytest.approx(float(want), rel=1e-4, abs=1e-7)
+
+
+def test_two_step_target_makes_one_ddim_step_land_on_the_teacher():
+    z_t = torch.randn(4, 3, 2, 2, dtype=torch.float64)
+    z_t2 = torch.randn(4, 3, 2, 2, dtype=torch.float64)
+    t, t2 = torch.tensor([999, 749, 499, 249]), torch.tensor([749, 499, 249, -1])
+    x = two_step_target(z_t, t, z_t2, t2, S)
+    a, s = S.alpha(t).view(-1, 1, 1, 1), S.sigma(t).view(-1, 1, 1, 1)
+    eps = (z_t - a * x) / s  # the eps that goes with x0 = x at t
+    torch.testing.assert_close(ddim_step(x, eps, S.alpha(t2), S.sigma(t2)), z_t2)
+    torch.testing.assert_close(x[3], z_t2[3])  # to the clean end, the target is the teacher's result itself
+
+
+def test_progressive_stages_halve_and_freeze_the_ema():
+    net = torch.nn.Conv2d(3, 3, 1)
+    loss = ProgressiveLoss(S, [999, 749, 499, 249], stages=3, max_steps=30, teacher_net=net)
+    assert [len(loss.grid(s)) for s in range(3)] == [16, 8, 4]
+    ema_net = torch.nn.Conv2d(3, 3, 1)
+    m = models(None, Denoiser(net, S), Denoiser(ema_net, S))
+    loss.begin_step(0, m)
+    assert loss.stage == 0 and int(loss.state.stage) == 0
+    loss.begin_step(10, m)
+    assert loss.stage == 1
+    torch.testing.assert_close(loss.state.net.weight, ema_net.weight)
+    with torch.no_grad():
+        ema_net.weight.add_(1)
+    loss.begin_step(11, m)  # same stage: the frozen teacher does not follow the EMA
+    assert not torch.equal(loss.state.net.weight, ema_net.weight)
+
+
+def test_shard_draws_do_not_depend_on_the_process_count():
+    full = randn((8, 3), Shard(torch.Generator().manual_seed(1), 0, 1))
+    parts = [randn((4, 3), Shard(torch.Generator().manual_seed(1), r, 2)) for r in range(2)]
+    torch.testing.assert_close(full[0::2], parts[0])
+    torch.testing.assert_close(full[1::2], parts[1])
+
+
+def test_method_defaults_do_not_override_the_user():
+    cfg = apply_method_defaults(DistillConfig(method="add"))
+    assert cfg.student_steps == 4 and cfg.adv_weight == 0.4
+    cfg = apply_method_defaults(DistillConfig(method="add", adv_weight=0.1), {"adv_weight"})
+    assert cfg.adv_weight == 0.1
+
+
+@pytest.fixture(scope="module")
+def small_data():
+    from imagine_flash.data.fashion import ColoredFashion
+    return ColoredFashion("train", 16, limit=64)
+
+
+def _cfg(out, teacher, method, **kw):
+    cfg = DistillConfig(method=method, out=str(out), teacher=str(teacher), batch_size=4, k=2, max_steps=6,
+                        ckpt_every=2, sample_every=100, log_every=1, eval_samples=0, progressive_stages=3)
+    cfg = apply_method_defaults(cfg)
+    for k, v in kw.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+@needs_data
+@pytest.mark.parametrize("method", ["lcm", "add", "progressive"])
+def test_method_trains_exports_and_samples(tmp_path, tiny_teacher, small_data, method):
+    from imagine_flash.generate import ModelRunner
+    from imagine_flash.train import distill
+
+    student = distill(_cfg(tmp_path / method, tiny_teacher, method), dataset=small_data)
+    runner = ModelRunner(student)
+    assert runner.sampler == {"lcm": "lcm", "add": "lcm", "progressive": "ddim"}[method]
+    steps = {"lcm": 3, "add": 4, "progressive": 4}[method]
+    assert len(runner.meta["timesteps"]) == steps
+    a, _ = runner.sample(["a red sneaker"] * 2, [0, 1])
+    b, _ = runner.sample(["a red sneaker"], [1])
+    assert a.shape == (2, 3, 16, 16) and torch.isfinite(a).all()
+    torch.testing.assert_close(a[1:], b, rtol=1e-4, atol=1e-4)  # sample i depends on seed i only, even with LCM noise
+    if method == "lcm":  # LCM samples at any step count
+        c, _ = runner.sample(["a red sneaker"], [0], steps=1)
+        assert c.shape == (1, 3, 16, 16)
+
+
+class _Killed(Exception):
+    pass
+
+
+@needs_data
+def test_progressive_resume_across_a_stage_boundary(tmp_path, tiny_teacher, small_data, monkeypatch):
+    """Killed after step 2 (a checkpoint), resumed: the stage teacher frozen at step 2 is restored exactly."""
+    from imagine_flash import train
+
+    train.distill(_cfg(tmp_path / "a", tiny_teacher, "progressive"), dataset=small_data)
+    real_save = train.save_checkpoint
+
+    def save_then_die(run, step, *a, **k):
+        real_save(run, step, *a, **k)
+        if step == 2:
+            raise _Killed
+
+    monkeypatch.setattr(train, "save_checkpoint", save_then_die)
+    with pytest.raises(_Killed):
+        train.distill(_cfg(tmp_path / "b", tiny_teacher, "progressive"), dataset=small_data)
+    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    train.distill(_cfg(tmp_path / "b", tiny_teacher, "progressive"), resume=True, dataset=small_data)
+    for name in ("student", "ema", "stage_teacher"):
+        a = load_file(tmp_path / "a" / "ckpt" / f"{name}.safetensors")
+        b = load_file(tmp_path / "b" / "ckpt" / f"{name}.safetensors")
+        for k in a:
+            assert torch.equal(a[k], b[k]), (name, k)
+    assert int(load_file(tmp_path / "a" / "ckpt" / "stage_teacher.safetensors")["stage"]) == 2
