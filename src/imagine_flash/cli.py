@@ -125,6 +125,20 @@ def cmd_evaluate(args) -> None:
     print(json.dumps(row, indent=2))
 
 
+def cmd_benchmark(args) -> None:
+    from .benchmark import BenchmarkConfig, quick_config, run_benchmark
+    from .config import ConfigError
+
+    cfg = quick_config(args.out) if args.quick else BenchmarkConfig(out=args.out)
+    for name in ("num_samples", "fid_reference", "train_steps", "batch", "threads", "teacher"):
+        if getattr(args, name) is not None:
+            setattr(cfg, name, getattr(args, name))
+    if cfg.num_samples < 64:
+        raise ConfigError("--num-samples must be at least 64 (the grid shows prompts 0..63)")
+    results = run_benchmark(cfg)
+    print(f"benchmark: wrote {args.out}/results.json, results.md, grid.png and plots ({len(results['rows'])} rows)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _OneLineParser(prog="imagine-flash", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True, parser_class=_OneLineParser)
@@ -163,6 +177,18 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     ev.add_argument("--out", required=True, help="metrics JSON file")
     ev.set_defaults(fn=cmd_evaluate)
+
+    bm = sub.add_parser("benchmark", help="the paper's Tables 1, 3, 4 on the shipped teacher: trains the baselines, "
+                        "writes results.json/.md, plots and grid.png (resumable)")
+    bm.add_argument("--out", required=True, help="run folder (rerun the same command to resume)")
+    bm.add_argument("--quick", action="store_true", help="the whole protocol at toy size (a smoke test, minutes)")
+    bm.add_argument("--num-samples", type=int, help="generated images per row (default 2000)")
+    bm.add_argument("--fid-reference", type=int, help="real test images for FID (default 10000: all)")
+    bm.add_argument("--train-steps", type=int, help="updates per distilled student (default: distill's default)")
+    bm.add_argument("--batch", type=int, help="generation batch size (default 250)")
+    bm.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    bm.add_argument("--teacher", help="teacher folder (default: the shipped teacher)")
+    bm.set_defaults(fn=cmd_benchmark)
 
     sp = sub.add_parser("sample", help="write an image grid from a teacher or student folder")
     sp.add_argument("--model", help="model folder (default: the shipped teacher)")

@@ -30,6 +30,8 @@ def evaluate_model(runner, num_samples: int, steps: int | None = None, fid_refer
 
     prompts, colors, classes = eval_prompts(num_samples)
     steps = steps or runner.default_steps()
+    kw = dict(steps=steps, guidance_scale=guidance_scale, solver=solver, noise_correction=noise_correction)
+    runner.sample(prompts[:2], [0, 1], **kw)  # untimed warm-up: first-call costs must not count as ms/image
     images, seconds = runner.sample(prompts, list(range(num_samples)), steps=steps, guidance_scale=guidance_scale,
                                     solver=solver, noise_correction=noise_correction, batch=batch, progress=True)
     inception = inception or InceptionFeatures()
