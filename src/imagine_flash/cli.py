@@ -117,6 +117,17 @@ def cmd_evaluate(args) -> None:
     row, images = evaluate_model(runner, args.num_samples, steps=args.steps, fid_reference=args.fid_reference,
                                  batch=args.batch, solver=solver, guidance_scale=args.guidance_scale,
                                  noise_correction=False if args.no_noise_correction else None)
+    if args.clip_model or args.standard_fid:
+        from .data.fashion import eval_prompts
+        from .eval import extras
+        from .eval.metrics import real_reference
+
+        if args.clip_model:
+            row["clip_score"] = extras.clip_score(images, eval_prompts(len(images))[0], args.clip_model)
+            row["clip_model"] = args.clip_model
+        if args.standard_fid:
+            real, _, _ = real_reference(args.fid_reference, runner.resolution)
+            row[f"fid_{args.standard_fid}"] = extras.standard_fid(real, images, args.standard_fid)
     row = {"model": str(args.model or "shipped teacher"), "threads": torch.get_num_threads(),
            "fid_reference_images": args.fid_reference, **row}
     out = Path(args.out)
@@ -175,6 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-noise-correction", action="store_true", help="sample without Eq. 9")
     ev.add_argument("--batch", type=int, default=250, help="generation batch size")
     ev.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    ev.add_argument("--clip-model", metavar="NAME_OR_DIR", help="also a CLIP score with this transformers CLIP model "
+                    "(optional; needs the model locally or internet), e.g. openai/clip-vit-base-patch32")
+    ev.add_argument("--standard-fid", choices=("clean-fid", "torchmetrics"), help="also FID by a standard "
+                    "implementation (optional package; downloads its weights on first use)")
     ev.add_argument("--out", required=True, help="metrics JSON file")
     ev.set_defaults(fn=cmd_evaluate)
 
@@ -213,7 +228,10 @@ def main(argv: list[str] | None = None) -> int:
     from .train import NonFiniteLoss
 
     args = build_parser().parse_args(argv)
-    user_errors = (ConfigError, DataMissingError, ModelFolderError, FileNotFoundError, NotADirectoryError)
+    from .eval.extras import ExtraUnavailable
+
+    user_errors = (ConfigError, DataMissingError, ModelFolderError, FileNotFoundError, NotADirectoryError,
+                   ExtraUnavailable)
     try:
         from .data.imagefolder import DatasetError
         user_errors += (DatasetError,)

@@ -153,7 +153,7 @@ class DistillConfig:
     guidance_scale: float | None = None  # teacher CFG scale for targets (default: the teacher's own)
     rollout_weights: str = "live"  # which student weights run the no-grad rollout: 'live' or 'ema'
     batch_size: int = 32  # global batch (split across processes)
-    grad_accum: int = 1  # gradient accumulation steps
+    grad_accum: int = 1  # micro-batches per update: batch_size stays the global batch of one update
     lr: float = 1e-4  # student Adam learning rate (measured against 2e-4, see docs/distill_default.md)
     adam_betas: tuple = (0.9, 0.999)  # student Adam betas
     adv_weight: float = 0.05  # weight of the adversarial generator term (0 turns the discriminator off)

@@ -4,6 +4,7 @@ Methods are losses plugged in through `build_method`; the loop knows nothing of 
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import json
@@ -91,7 +92,11 @@ def batch_indices(n: int, step: int, batch_size: int, seed: int, rank: int, worl
 
 
 def generator_step(method, models: Models, x0_real, cond, gen, adv, adv_weight: float):
-    """Student loss of one batch: the method's reconstruction term plus the weighted adversarial term."""
+    """Student loss of one batch: the method's reconstruction term plus the weighted adversarial term.
+
+    The discriminator is frozen for the adversarial term: its gradients reach the student only, never the
+    discriminator's own parameters (they would otherwise add to the discriminator's update).
+    """
     out = method(models, x0_real, cond, gen)
     losses = {}
     total = 0.0
@@ -99,7 +104,14 @@ def generator_step(method, models: Models, x0_real, cond, gen, adv, adv_weight: 
         losses["recon"] = out["recon"].mean()
         total = total + losses["recon"]
     if adv is not None and adv_weight > 0:
-        losses["adv_g"] = adv.generator(models.disc, out["x0_student"], cond, gen).mean()
+        disc = getattr(models.disc, "module", models.disc)  # the bare module: no DDP gradient hooks here
+        flags = [p.requires_grad for p in disc.parameters()]
+        disc.requires_grad_(False)
+        try:
+            losses["adv_g"] = adv.generator(disc, out["x0_student"], cond, gen).mean()
+        finally:
+            for p, f in zip(disc.parameters(), flags):
+                p.requires_grad_(f)
         total = total + adv_weight * losses["adv_g"]
     return total, {k: v.detach() for k, v in losses.items()}, out["x0_student"].detach()
 
@@ -162,7 +174,10 @@ def distill(cfg: DistillConfig, resume: bool = False, teacher_bundle=None, datas
     resolve_variant(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    acc = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum)
+    acc = Accelerator(mixed_precision=cfg.mixed_precision)  # gradient accumulation is done by hand below
+    world, accum = acc.num_processes, max(1, cfg.grad_accum)
+    if cfg.batch_size % (world * accum):
+        raise ConfigError(f"batch_size={cfg.batch_size} must be divisible by processes x grad_accum = {world * accum}")
     run = Path(cfg.out)
     if acc.is_main_process:
         run.mkdir(parents=True, exist_ok=True)
@@ -223,32 +238,42 @@ def distill(cfg: DistillConfig, resume: bool = False, teacher_bundle=None, datas
     t0 = time.time()
     last = {}
     while step < cfg.max_steps:
-        gen = step_generator(cfg.seed, step, acc.process_index, acc.num_processes)
         if hasattr(method, "begin_step"):
             method.begin_step(step, models)
-        idx = batch_indices(len(dataset), step, cfg.batch_size, cfg.seed, acc.process_index, acc.num_processes)
-        items = [dataset[int(i)] for i in idx]
-        x0_real = encoder.encode(torch.stack([it["image"] for it in items]).to(acc.device))
-        cond = text([it["caption"] for it in items]).to(acc.device)
-        # Generator (student) update.
         use_adv = adv if step >= cfg.disc_warmup else None
-        with acc.accumulate(student):
-            loss_g, parts, x0_fake = generator_step(method, models, x0_real, cond, gen, use_adv, cfg.adv_weight)
-            acc.backward(loss_g)
-            if acc.sync_gradients and cfg.grad_clip:
-                acc.clip_grad_norm_(student.parameters(), cfg.grad_clip)
-            opt_g.step()
-            opt_g.zero_grad(set_to_none=True)
-        bad |= ~torch.isfinite(loss_g.detach())
-        # Discriminator update.
+        # The global batch of batch_size is split into world x accum equal shards; shard m * world + rank is this
+        # process's micro-batch m. Each shard's rows and random draws are the global batch's (rng.Shard), so any
+        # split gives the same update as one process with no accumulation, up to float rounding.
+        micro, sums = [], {}
+        for m in range(accum):
+            shard, n_shards = m * world + acc.process_index, world * accum
+            gen = step_generator(cfg.seed, step, shard, n_shards)
+            idx = batch_indices(len(dataset), step, cfg.batch_size, cfg.seed, shard, n_shards)
+            items = [dataset[int(i)] for i in idx]
+            x0_real = encoder.encode(torch.stack([it["image"] for it in items]).to(acc.device))
+            cond = text([it["caption"] for it in items]).to(acc.device)
+            with contextlib.nullcontext() if m == accum - 1 else acc.no_sync(student):  # all-reduce once
+                loss_g, parts, x0_fake = generator_step(method, models, x0_real, cond, gen, use_adv, cfg.adv_weight)
+                acc.backward(loss_g / accum)
+            bad |= ~torch.isfinite(loss_g.detach())
+            micro.append((x0_real, x0_fake, cond, gen))
+            for k, v in {**parts, "loss": loss_g.detach()}.items():
+                sums[k] = sums.get(k, 0.0) + v / accum
+        if cfg.grad_clip:
+            acc.clip_grad_norm_(student.parameters(), cfg.grad_clip)
+        opt_g.step()
+        opt_g.zero_grad(set_to_none=True)
+        # Discriminator update on the same micro-batches (real data against the student's detached x0_hat).
         if disc is not None:
-            with acc.accumulate(disc):
-                loss_d = discriminator_step(adv, disc, x0_real, x0_fake, cond, gen)
-                acc.backward(loss_d)
-                opt_d.step()
-                opt_d.zero_grad(set_to_none=True)
-            parts["disc"] = loss_d.detach()
-            bad |= ~torch.isfinite(loss_d.detach())
+            for m, (x0_real, x0_fake, cond, gen) in enumerate(micro):
+                with contextlib.nullcontext() if m == accum - 1 else acc.no_sync(disc):
+                    loss_d = discriminator_step(adv, disc, x0_real, x0_fake, cond, gen)
+                    acc.backward(loss_d / accum)
+                bad |= ~torch.isfinite(loss_d.detach())
+                sums["disc"] = sums.get("disc", 0.0) + loss_d.detach() / accum
+            opt_d.step()
+            opt_d.zero_grad(set_to_none=True)
+        parts = sums
         # EMA of the student.
         ema_update(ema, acc.unwrap_model(student), cfg.ema_decay)
         step += 1
@@ -259,7 +284,6 @@ def distill(cfg: DistillConfig, resume: bool = False, teacher_bundle=None, datas
                 raise NonFiniteLoss(f"loss became NaN/inf before step {step}; the last good checkpoint is kept in "
                                     f"{run / 'ckpt'} (lower --set lr=..., or resume with --resume)")
             last = {k: float(v) for k, v in parts.items()}
-            last["loss"] = float(loss_g.detach())
             bar.set_postfix({k: f"{v:.4f}" for k, v in last.items()})
             if log:
                 log.writerow([step, last["loss"], last.get("recon", ""), last.get("adv_g", ""), last.get("disc", ""),
