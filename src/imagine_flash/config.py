@@ -167,6 +167,12 @@ class DistillConfig:
     eval_batch: int = 250  # generation batch size for evaluation and timing
     threads: int = 0  # torch threads (0: leave torch's default)
     resolution: int | None = None  # training resolution for user datasets (default: the teacher's sample size)
+    dataset_format: str = "auto"  # auto (hf:NAME, x.txt prompts, x.tar/{..} pattern/folder of *.tar, else an
+    # imagefolder), or force one: imagefolder, hf, webdataset, prompts (prompts need backward=True, adv_weight=0)
+    image_column: str = "image"  # HF datasets: the column of images (Image feature or encoded bytes)
+    caption_column: str = "text"  # HF datasets: the column of captions
+    dataset_split: str = "train"  # HF datasets: the split to train on
+    skip_bad_files: bool = False  # report each bad image/caption on stderr and go on without it, instead of stopping
 
 
 def resolve_variant(cfg: DistillConfig) -> DistillConfig:

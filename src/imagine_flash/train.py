@@ -151,8 +151,12 @@ def distill(cfg: DistillConfig, resume: bool = False, teacher_bundle=None, datas
         cfg.guidance_scale = float(meta.get("guidance_scale", 3.0))
     resolution = cfg.resolution or int(teacher_unet.config.sample_size)
     if dataset is None:
-        from .data import load_dataset
-        dataset = load_dataset(cfg.dataset, resolution)
+        from .data import data_options, load_dataset
+        dataset = load_dataset(cfg.dataset, resolution, **data_options(cfg))
+    has_images = getattr(dataset, "has_images", True)
+    if not has_images:  # prompts only: backward distillation with no discriminator never needs an image
+        from .data.prompts import check_prompts_only
+        check_prompts_only(cfg)
     if text is None:
         from .data.text import MiniLMTextEncoder
         text = MiniLMTextEncoder()
@@ -201,7 +205,10 @@ def distill(cfg: DistillConfig, resume: bool = False, teacher_bundle=None, datas
         gen = step_generator(cfg.seed, step, acc.process_index)
         idx = batch_indices(len(dataset), step, cfg.batch_size, cfg.seed, acc.process_index, acc.num_processes)
         items = [dataset[int(i)] for i in idx]
-        x0_real = encoder.encode(torch.stack([it["image"] for it in items]).to(acc.device))
+        if has_images:
+            x0_real = encoder.encode(torch.stack([it["image"] for it in items]).to(acc.device))
+        else:  # only its shape and device are used, by the backward rollout
+            x0_real = torch.zeros(len(items), teacher_unet.config.in_channels, resolution, resolution, device=acc.device)
         cond = text([it["caption"] for it in items]).to(acc.device)
         # Generator (student) update.
         use_adv = adv if step >= cfg.disc_warmup else None
