@@ -275,7 +275,7 @@ def _grid_prompts(dataset) -> list[str]:
     if isinstance(dataset, ColoredFashion):
         prompts, _, _ = eval_prompts(80)
         return prompts[::10][:8]  # 8 different (class, colour) pairs
-    return [dataset[i]["caption"] for i in range(min(8, len(dataset)))]
+    return [dataset[i % len(dataset)]["caption"] for i in range(8)]  # 8, one per grid seed, even from fewer items
 
 
 @torch.no_grad()
