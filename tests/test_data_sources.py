@@ -248,6 +248,8 @@ def test_prompts_only_refuses_configs_that_need_images():
     one_line(lambda: check_prompts_only(cfg), "backward=False", error=ConfigError)
     cfg.backward = True
     check_prompts_only(cfg)
+    cfg.method = "lcm"
+    one_line(lambda: check_prompts_only(cfg), "method=lcm", "--method flash", error=ConfigError)
 
 
 def test_prompts_only_distill_never_reads_data(tmp_path, tiny_teacher, monkeypatch):

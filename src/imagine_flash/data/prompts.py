@@ -2,7 +2,7 @@
 
 Backward distillation (§4.1) starts the student's input from its own rollout from pure noise, and SRL (Eq. 8) takes
 its target from the teacher, so neither needs an image. Only the discriminator (real images) and the no-backward
-ablation (forward-noised real images) do: check_prompts_only refuses those.
+ablation and the baseline methods (forward-noised real images) do: check_prompts_only refuses those.
 """
 from __future__ import annotations
 
@@ -55,6 +55,8 @@ class PromptsDataset(torch.utils.data.Dataset):
 def check_prompts_only(cfg) -> None:
     """Refuse, in one line, a config that needs real images when the dataset has none."""
     needs = []
+    if cfg.method != "flash":  # the baselines (LCM, ADD, progressive) forward-noise real images
+        needs.append(f"method={cfg.method} (only flash's backward distillation trains on prompts; --method flash)")
     if cfg.adv_weight > 0:
         needs.append(f"adv_weight={cfg.adv_weight} (the discriminator needs real images; --set adv_weight=0)")
     if not cfg.backward:
