@@ -73,7 +73,7 @@ def cmd_distill(args) -> None:
     cfg, explicit = DistillConfig(), set()
     direct = {"student_steps": args.student_steps, "max_steps": args.max_steps, "eval_samples": args.eval_samples,
               "seed": args.seed, "out": args.out, "teacher": args.teacher, "dataset": args.dataset,
-              "method": args.method, "variant": args.variant}
+              "method": args.method, "variant": args.variant, "skip_bad_files": args.skip_bad_files or None}
     cfg = apply_method_defaults(_resolve(cfg, args, direct, explicit), explicit)
     if "out" not in explicit:
         cfg.out = f"runs/{cfg.method}-{cfg.variant}-{cfg.student_steps}step"
@@ -168,7 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--seed", type=int, help="random seed")
     ds.add_argument("--out", help="run folder (default runs/<method>-<variant>-<n>step)")
     ds.add_argument("--teacher", help="teacher model folder (default: the shipped teacher)")
-    ds.add_argument("--dataset", help="imagefolder with metadata.jsonl or .txt captions (default: embedded data)")
+    ds.add_argument("--dataset", help="images with metadata.jsonl or .txt captions, hf:NAME_OR_PATH, webdataset "
+                    "shards (folder, x.tar, x-{000..009}.tar) or a prompts .txt (default: embedded data)")
+    ds.add_argument("--skip-bad-files", action="store_true", help="report bad images/captions and go on without them")
     ds.add_argument("--method", choices=("flash", "lcm", "add", "progressive"),
                     help="distillation method, a loss of the one loop (default flash)")
     ds.add_argument("--variant", help="ablation: full, no-nc, no-disc, no-backward, no-srl")

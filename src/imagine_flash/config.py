@@ -178,6 +178,12 @@ class DistillConfig:
     lcm_ddim_timesteps: int = 50  # lcm: the teacher solver's DDIM grid (skipping step k = T / this)
     lcm_loss: str = "l2"  # lcm: consistency distance, 'l2' or 'huber' (c = 0.001)
     progressive_stages: int = 3  # progressive: halvings, e.g. 3 stages to 4 steps = 32 -> 16 -> 8 -> 4
+    dataset_format: str = "auto"  # auto (hf:NAME, x.txt prompts, x.tar/{..} pattern/folder of *.tar, else an
+    # imagefolder), or force one: imagefolder, hf, webdataset, prompts (prompts need backward=True, adv_weight=0)
+    image_column: str = "image"  # HF datasets: the column of images (Image feature or encoded bytes)
+    caption_column: str = "text"  # HF datasets: the column of captions
+    dataset_split: str = "train"  # HF datasets: the split to train on
+    skip_bad_files: bool = False  # report each bad image/caption on stderr and go on without it, instead of stopping
 
 
 def apply_method_defaults(cfg: DistillConfig, explicit: set[str] = frozenset()) -> DistillConfig:

@@ -189,8 +189,12 @@ def distill(cfg: DistillConfig, resume: bool = False, teacher_bundle=None, datas
         cfg.guidance_scale = float(meta.get("guidance_scale", 3.0))
     resolution = cfg.resolution or int(teacher_unet.config.sample_size)
     if dataset is None:
-        from .data import load_dataset
-        dataset = load_dataset(cfg.dataset, resolution)
+        from .data import data_options, load_dataset
+        dataset = load_dataset(cfg.dataset, resolution, **data_options(cfg))
+    has_images = getattr(dataset, "has_images", True)
+    if not has_images:  # prompts only: backward distillation with no discriminator never needs an image
+        from .data.prompts import check_prompts_only
+        check_prompts_only(cfg)
     if text is None:
         from .data.text import MiniLMTextEncoder
         text = MiniLMTextEncoder()
@@ -250,7 +254,11 @@ def distill(cfg: DistillConfig, resume: bool = False, teacher_bundle=None, datas
             gen = step_generator(cfg.seed, step, shard, n_shards)
             idx = batch_indices(len(dataset), step, cfg.batch_size, cfg.seed, shard, n_shards)
             items = [dataset[int(i)] for i in idx]
-            x0_real = encoder.encode(torch.stack([it["image"] for it in items]).to(acc.device))
+            if has_images:
+                x0_real = encoder.encode(torch.stack([it["image"] for it in items]).to(acc.device))
+            else:  # prompts only: used only for its shape and device, by the backward rollout
+                x0_real = torch.zeros(len(items), teacher_unet.config.in_channels, resolution, resolution,
+                                      device=acc.device)
             cond = text([it["caption"] for it in items]).to(acc.device)
             with contextlib.nullcontext() if m == accum - 1 else acc.no_sync(student):  # all-reduce once
                 loss_g, parts, x0_fake = generator_step(method, models, x0_real, cond, gen, use_adv, cfg.adv_weight)
@@ -322,7 +330,7 @@ def _grid_prompts(dataset) -> list[str]:
     if isinstance(dataset, ColoredFashion):
         prompts, _, _ = eval_prompts(80)
         return prompts[::10][:8]  # 8 different (class, colour) pairs
-    return [dataset[i]["caption"] for i in range(min(8, len(dataset)))]
+    return [dataset[i % len(dataset)]["caption"] for i in range(8)]  # 8, one per grid seed, even from fewer items
 
 
 @torch.no_grad()

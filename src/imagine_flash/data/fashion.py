@@ -73,6 +73,8 @@ class ColoredFashion(torch.utils.data.Dataset):
     Colours and templates are drawn once per index from `seed`, so each image's colour and class are known exactly.
     """
 
+    has_images = True
+
     def __init__(self, split: str = "train", resolution: int = 16, seed: int = 0, root: str | None = None,
                  limit: int | None = None):
         gray, labels = load_gray(split, root)

@@ -6,6 +6,7 @@ decoded once in the constructor, so a bad file fails at start-up with its name r
 """
 from __future__ import annotations
 
+import io
 import json
 import sys
 from pathlib import Path
@@ -119,22 +120,27 @@ def _from_sidecars(root: Path, bad: Callable[[str], None]) -> list[tuple[Path, s
 
 # Decoding one image.
 
-def open_image(path: Path) -> Image.Image:
-    """The decoded image, upright per EXIF; verify() checks the structure, load() catches the truncation it misses."""
+def open_image(path: Path | bytes, name: str | None = None) -> Image.Image:
+    """The decoded image (a file, or encoded bytes called `name` in messages), upright per EXIF.
+
+    verify() checks the structure, load() catches the truncation it misses.
+    """
+    name = str(path) if name is None else name
+    src = (lambda: io.BytesIO(path)) if isinstance(path, (bytes, bytearray)) else (lambda: path)
     try:
-        with Image.open(path, formats=FORMATS) as im:
+        with Image.open(src(), formats=FORMATS) as im:
             im.verify()
-        with Image.open(path, formats=FORMATS) as im:
+        with Image.open(src(), formats=FORMATS) as im:
             if im.mode not in MODES:
-                raise DatasetError(f"{path}: unsupported image mode '{im.mode}'")
+                raise DatasetError(f"{name}: unsupported image mode '{im.mode}'")
             im.load()
             return ImageOps.exif_transpose(im)
     except DatasetError:
         raise
     except Image.DecompressionBombError as e:
-        raise DatasetError(f"{path}: {e}") from e
+        raise DatasetError(f"{name}: {e}") from e
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, EOFError, ... on bad files
-        raise DatasetError(f"{path}: cannot read image (truncated or corrupt)") from e
+        raise DatasetError(f"{name}: cannot read image (truncated or corrupt)") from e
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
@@ -171,6 +177,12 @@ def resize_crop(im: Image.Image, resolution: int, crop: str = "center", seed=0) 
     return im.crop((left, top, left + r, top + r))
 
 
+def to_pixels(im: Image.Image, resolution: int, crop: str = "center", seed=0) -> torch.Tensor:
+    """A decoded image -> (3, R, R) uint8: RGB, resized and cropped (every data source ends here)."""
+    im = resize_crop(to_rgb(im), resolution, crop, seed=seed)
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(im).transpose(2, 0, 1)))
+
+
 class ImageFolderDataset(torch.utils.data.Dataset):
     """A folder of captioned images at `resolution`: items are {"image": (3,R,R) in [-1,1], "caption": str}.
 
@@ -179,6 +191,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     Decoded uint8 pixels stay in memory (`.pixels`, (N,3,R,R)) when they fit in cache_bytes; else each item is
     decoded in __getitem__ and `.pixels` is None.
     """
+
+    has_images = True  # items carry an "image" (a prompts-only dataset has captions only)
 
     def __init__(self, root: str | Path, resolution: int, crop: str = "center", skip_bad_files: bool = False,
                  seed: int = 0, cache_bytes: int = CACHE_BYTES):
@@ -217,8 +231,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         tqdm.write(f"skipping {msg}", file=sys.stderr)  # print() that leaves a running progress bar intact
 
     def _load(self, path: Path, i: int) -> torch.Tensor:
-        im = resize_crop(to_rgb(open_image(path)), self.resolution, self.crop, seed=(self.seed, i))
-        return torch.from_numpy(np.ascontiguousarray(np.asarray(im).transpose(2, 0, 1)))  # (3, R, R) uint8
+        return to_pixels(open_image(path), self.resolution, self.crop, seed=(self.seed, i))  # (3, R, R) uint8
 
     def __len__(self) -> int:
         return len(self.paths)
