@@ -145,7 +145,7 @@ def save_checkpoint(run: Path, step: int, nets: dict, opts: dict, extra: dict) -
         save_file({k: v.contiguous() for k, v in net.state_dict().items()}, tmp / f"{name}.safetensors")
     torch.save({"opts": {k: o.state_dict() for k, o in opts.items()}, "step": step,
                 "torch_rng": torch.get_rng_state(), **extra}, tmp / "state.pt")
-    (tmp / "step.json").write_text(json.dumps({"step": step}))
+    (tmp / "step.json").write_text(json.dumps({"step": step, **{k: v for k, v in extra.items() if k == "seconds"}}))
     _replace_dir(tmp, run / "ckpt")
 
 
@@ -219,9 +219,10 @@ def distill(cfg: DistillConfig, resume: bool = False, teacher_bundle=None, datas
     method_nets = method.nets() if hasattr(method, "nets") else {}
     nets = {"student": student, "ema": ema, **({"disc": disc} if disc else {}), **method_nets}
     opts = {"g": opt_g, **({"d": opt_d} if opt_d else {})}
-    step = 0
+    step, seconds_before = 0, 0.0  # training seconds of earlier invocations (resume): train.json is cumulative
     if resume and (run / "ckpt" / "state.pt").is_file():
         step = load_checkpoint(run, nets, opts)
+        seconds_before = float(json.loads((run / "ckpt" / "step.json").read_text()).get("seconds", 0.0))
         acc.print(f"resumed from {run / 'ckpt'} at step {step}")
     student, opt_g = acc.prepare(student, opt_g)
     if disc is not None:
@@ -239,7 +240,7 @@ def distill(cfg: DistillConfig, resume: bool = False, teacher_bundle=None, datas
     bad = torch.zeros((), dtype=torch.bool, device=acc.device)
     bar = tqdm(total=cfg.max_steps, initial=step, desc=f"distill {cfg.method}/{cfg.variant}", dynamic_ncols=True,
                disable=not acc.is_main_process)
-    t0 = time.time()
+    t0 = time.time() - seconds_before
     last = {}
     while step < cfg.max_steps:
         if hasattr(method, "begin_step"):
@@ -304,7 +305,8 @@ def distill(cfg: DistillConfig, resume: bool = False, teacher_bundle=None, datas
             acc.wait_for_everyone()
             if acc.is_main_process:
                 save_checkpoint(run, step, {**nets, "student": acc.unwrap_model(student),
-                                            **({"disc": acc.unwrap_model(disc)} if disc else {})}, opts, {})
+                                            **({"disc": acc.unwrap_model(disc)} if disc else {})}, opts,
+                                {"seconds": time.time() - t0})
         if acc.is_main_process and (step % cfg.sample_every == 0 or step == cfg.max_steps):
             _sample_grid(run / "samples" / f"step{step:06d}.png", models, ema, text, grid_prompts, grid_seeds,
                          timesteps, method.export_scheduler(sched_cfg, timesteps), encoder, sched_cfg, resolution,
