@@ -214,3 +214,35 @@ def test_generator_step_leaves_the_discriminator_gradients_alone():
     assert w.grad is not None and w.grad != 0
     assert all(p.grad is None for p in disc.parameters())
     assert all(p.requires_grad for p in disc.parameters())  # restored afterwards
+
+
+@needs_data
+def test_projected_discriminator_trains_heads_on_a_frozen_backbone(tmp_path, tiny_teacher, small_data):
+    """disc_type=projected with a tiny local DINOv2: the heads learn, the feature network never changes."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    from imagine_flash.train import distill
+
+    torch.manual_seed(0)
+    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                             image_size=32, patch_size=8)).save_pretrained(tmp_path / "dino", safe_serialization=True)
+    distill(_cfg(tmp_path / "run", tiny_teacher, max_steps=2, disc_type="projected",
+                 disc_features=str(tmp_path / "dino")), dataset=small_data)
+    disc = load_file(tmp_path / "run" / "ckpt" / "disc.safetensors")
+    dino = Dinov2Model.from_pretrained(tmp_path / "dino").state_dict()
+    for k, v in dino.items():
+        assert torch.equal(disc[f"features.{k}"], v), k
+    torch.manual_seed(0)
+    fresh = __import__("imagine_flash.losses.projected", fromlist=["x"]).ProjectedDiscriminator(
+        Dinov2Model.from_pretrained(tmp_path / "dino"), 384)
+    changed = [k for k, v in fresh.state_dict().items() if k.startswith("heads.") and k.endswith("weight.original")
+               and not torch.equal(v, disc[k])]
+    assert changed  # the heads trained
+
+
+def test_projected_discriminator_missing_backbone_is_one_line(tmp_path, tiny_teacher, capsys):
+    rc = main(["distill", "--teacher", str(tiny_teacher), "--max-steps", "1", "--eval-samples", "0",
+               "--out", str(tmp_path / "r"), "--set", "disc_type=projected", "--set", "disc_features=no/such-dino",
+               "--set", "batch_size=2", "--set", "k=1"])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("imagine-flash")]
+    assert rc == 2 and len(err) == 1 and "no/such-dino" in err[0]

@@ -161,6 +161,8 @@ class DistillConfig:
     disc_betas: tuple = (0.0, 0.99)  # discriminator Adam betas
     disc_t_max: int = 500  # real and fake are re-noised to t_d ~ U[0, disc_t_max] before the discriminator
     disc_warmup: int = 0  # steps before the adversarial term enters the generator loss
+    disc_type: str = "unet"  # 'unet': the teacher U-Net's encoder (§5.1); 'projected': heads on frozen disc_features
+    disc_features: str = "facebook/dinov2-small"  # projected: a transformers vision backbone (hub id or folder)
     max_steps: int = 600  # student updates
     ema_decay: float = 0.99  # EMA of the student; the exported student is the EMA
     grad_clip: float = 1.0  # max gradient norm

@@ -168,7 +168,7 @@ def distill(cfg: DistillConfig, resume: bool = False, teacher_bundle=None, datas
     """Train a student with cfg.method; write the student, the resolved config, logs and sample grids."""
     from accelerate import Accelerator
 
-    from .losses.discriminator import HingeAdversarial, UNetEncoderDiscriminator
+    from .losses.discriminator import HingeAdversarial
     from .models import load_model_folder, save_student
 
     resolve_variant(cfg)
@@ -212,9 +212,10 @@ def distill(cfg: DistillConfig, resume: bool = False, teacher_bundle=None, datas
     adv = HingeAdversarial(schedule, cfg.disc_t_max) if cfg.adv_weight > 0 else None
     with torch.random.fork_rng(devices=[]):  # the heads' init depends on the seed only
         torch.manual_seed(cfg.seed)
-        disc = UNetEncoderDiscriminator(teacher_unet).to(acc.device) if adv else None
+        disc = _build_discriminator(cfg, teacher_unet, text, encoder).to(acc.device) if adv else None
     opt_g = torch.optim.Adam(student.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas))
-    opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.disc_lr, betas=tuple(cfg.disc_betas)) if disc else None
+    opt_d = torch.optim.Adam([p for p in disc.parameters() if p.requires_grad], lr=cfg.disc_lr,
+                             betas=tuple(cfg.disc_betas)) if disc else None  # a projected disc's backbone is frozen
     method = build_method(cfg, schedule, timesteps, teacher_unet)
     method_nets = method.nets() if hasattr(method, "nets") else {}
     nets = {"student": student, "ema": ema, **({"disc": disc} if disc else {}), **method_nets}
@@ -324,6 +325,20 @@ def distill(cfg: DistillConfig, resume: bool = False, teacher_bundle=None, datas
             log_f.close()
     acc.wait_for_everyone()
     return run / "student"
+
+
+def _build_discriminator(cfg: DistillConfig, teacher_unet, text, encoder) -> torch.nn.Module:
+    """cfg.disc_type: 'unet' (the teacher U-Net's encoder, §5.1) or 'projected' (frozen cfg.disc_features)."""
+    from .losses.discriminator import UNetEncoderDiscriminator
+
+    if cfg.disc_type == "unet":
+        return UNetEncoderDiscriminator(teacher_unet)
+    if cfg.disc_type == "projected":
+        from .losses.projected import ProjectedDiscriminator, load_feature_network
+        dim = text([""]).hidden.shape[-1]
+        decode = None if isinstance(encoder, PixelEncoder) else encoder.decode
+        return ProjectedDiscriminator(load_feature_network(cfg.disc_features), dim, decode=decode)
+    raise ConfigError(f"disc_type={cfg.disc_type!r}: use 'unet' or 'projected'")
 
 
 def _grid_prompts(dataset) -> list[str]:
