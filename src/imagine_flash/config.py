@@ -131,7 +131,8 @@ class DistillConfig:
     """Distilling a teacher into a few-step student with one of the methods of the one training loop."""
 
     out: str = "runs/flash"  # run folder: checkpoints, samples, logs, the student in student/, metrics.json
-    teacher: str | None = None  # teacher model folder (default: the shipped embedded teacher)
+    teacher: str | None = None  # our model folder, a diffusers SD/SDXL pipeline folder or hub id (default: shipped)
+    teacher_dtype: str = "auto"  # frozen teacher, VAE, text encoders: auto (bf16 on CUDA if supported), fp32, bf16, fp16
     dataset: str | None = None  # None/'fashion' = embedded coloured Fashion-MNIST, or an imagefolder path
     method: str = "flash"  # the loss plugged into the loop: flash (more methods plug in the same way)
     variant: str = "full"  # a Table 3 ablation: full, no-nc, no-disc, no-backward, no-srl
@@ -156,7 +157,12 @@ class DistillConfig:
     max_steps: int = 600  # student updates
     ema_decay: float = 0.99  # EMA of the student; the exported student is the EMA
     grad_clip: float = 1.0  # max gradient norm
-    mixed_precision: str = "no"  # accelerate mixed precision: no, fp16, bf16
+    mixed_precision: str = "no"  # accelerate autocast for the float32 student and discriminator: no, fp16, bf16
+    lora_rank: int = 0  # 0: full fine-tune; R > 0: a rank-R LoRA student on the teacher's own UNet (peft)
+    lora_alpha: float | None = None  # LoRA alpha (default: the rank, i.e. scale 1)
+    lora_targets: tuple = ("to_q", "to_k", "to_v", "to_out.0")  # the UNet modules LoRA adapts
+    gradient_checkpointing: bool = False  # recompute student and discriminator activations in backward
+    optimizer: str = "adam"  # adam, or adam8bit (bitsandbytes) for the student and the discriminator
     seed: int = 0  # seeds every random draw (per step, per process)
     ckpt_every: int = 100  # steps between checkpoints (atomic; 'ckpt' is always complete)
     sample_every: int = 200  # steps between teacher/student sample grids

@@ -4,7 +4,6 @@ Methods are losses plugged in through `build_method`; the loop knows nothing of 
 """
 from __future__ import annotations
 
-import copy
 import csv
 import json
 import time
@@ -16,7 +15,6 @@ from tqdm import tqdm
 
 from .config import DistillConfig, resolve_variant, save_config
 from .denoisers import Denoiser
-from .encoders import PixelEncoder
 from .schedule import STUDENT_TIMESTEPS, Schedule, make_schedule
 
 
@@ -90,8 +88,8 @@ def discriminator_step(adv, disc, x0_real, x0_fake, cond, gen):
 
 @torch.no_grad()
 def ema_update(ema: torch.nn.Module, net: torch.nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * net, parameter by parameter."""
-    for pe, p in zip(ema.parameters(), net.parameters()):
+    """ema <- decay * ema + (1 - decay) * net, over net's trainable parameters (all, or a LoRA student's adapters)."""
+    for pe, p in zip(ema.parameters(), [p for p in net.parameters() if p.requires_grad], strict=True):
         pe.lerp_(p.detach(), 1 - decay)
 
 
@@ -133,8 +131,10 @@ def distill(cfg: DistillConfig, resume: bool = False, teacher_bundle=None, datas
     """Train a student with cfg.method; write the student, the resolved config, logs and sample grids."""
     from accelerate import Accelerator
 
+    from .config import ConfigError
     from .losses.discriminator import HingeAdversarial, UNetEncoderDiscriminator
-    from .models import load_model_folder, save_student
+    from .pipelines import export_student, load_bundle, resolve_dtype
+    from .student import build_student, make_optimizer
 
     resolve_variant(cfg)
     if cfg.threads:
@@ -143,37 +143,40 @@ def distill(cfg: DistillConfig, resume: bool = False, teacher_bundle=None, datas
     run = Path(cfg.out)
     if acc.is_main_process:
         run.mkdir(parents=True, exist_ok=True)
-    # Teacher, schedule, data, text.
-    teacher_unet, sched_cfg, meta = teacher_bundle or load_model_folder(cfg.teacher or default_teacher())
-    teacher_unet = teacher_unet.to(acc.device).eval().requires_grad_(False)
+    # Teacher (a bundle: UNet, schedule, pixel or VAE encoder, text encoder), data.
+    teacher_dtype = resolve_dtype(cfg.teacher_dtype, acc.device)
+    bundle = teacher_bundle or load_bundle(cfg.teacher, teacher_dtype, acc.device, text, cfg.resolution)
+    sched_cfg, meta, encoder, text = bundle.schedule_config, bundle.meta, bundle.encoder, bundle.text
+    teacher_unet = bundle.unet.to(acc.device).eval().requires_grad_(False)
     schedule = make_schedule(**sched_cfg)
     if cfg.guidance_scale is None:
         cfg.guidance_scale = float(meta.get("guidance_scale", 3.0))
-    resolution = cfg.resolution or int(teacher_unet.config.sample_size)
+    resolution = bundle.resolution  # image side; the model works at resolution // encoder.downscale
+    if resolution % encoder.downscale:
+        raise ConfigError(f"resolution={resolution} is not a multiple of the VAE's downscale {encoder.downscale}")
     if dataset is None:
         from .data import load_dataset
         dataset = load_dataset(cfg.dataset, resolution)
-    if text is None:
-        from .data.text import MiniLMTextEncoder
-        text = MiniLMTextEncoder()
-    encoder = PixelEncoder()
     # Encode every caption once, in a fixed order: an embedding must not depend on its batch-mates (BLAS blocking
     # differs with batch size), or a resumed run would see slightly different conditioning.
     text(sorted(set(getattr(dataset, "captions", []))) + [""])
-    null = text([""]).to(acc.device)
+    null = text.null_cond().to(acc.device)
     timesteps = student_timesteps(cfg)
     if acc.is_main_process:
         save_config(cfg, run / "config.json")
-    # Student (initialised from the teacher), EMA, discriminator, optimisers.
-    student = copy.deepcopy(teacher_unet).float().requires_grad_(True).train()
-    ema = copy.deepcopy(student).requires_grad_(False).eval()
+    # Discriminator (a float32 copy of the teacher's encoder, taken before a LoRA student changes that UNet), student
+    # (a copy of the teacher, or LoRA on it), EMA, optimisers.
     adv = HingeAdversarial(schedule, cfg.disc_t_max) if cfg.adv_weight > 0 else None
-    with torch.random.fork_rng(devices=[]):  # the heads' init depends on the seed only
+    with torch.random.fork_rng(devices=[]):  # the heads' and LoRA's init depend on the seed only
         torch.manual_seed(cfg.seed)
         disc = UNetEncoderDiscriminator(teacher_unet).to(acc.device) if adv else None
-    opt_g = torch.optim.Adam(student.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas))
-    opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.disc_lr, betas=tuple(cfg.disc_betas)) if disc else None
-    nets = {"student": student, "ema": ema, **({"disc": disc} if disc else {})}
+        st = build_student(cfg, teacher_unet, teacher_dtype)
+    if disc is not None and cfg.gradient_checkpointing:
+        disc.enc.enable_gradient_checkpointing()
+    student, ema = st.net, st.ema
+    opt_g = make_optimizer(cfg.optimizer, student.parameters(), cfg.lr, cfg.adam_betas)
+    opt_d = make_optimizer(cfg.optimizer, disc.parameters(), cfg.disc_lr, cfg.disc_betas) if disc else None
+    nets = {"student": st.state, "ema": ema, **({"disc": disc} if disc else {})}
     opts = {"g": opt_g, **({"d": opt_d} if opt_d else {})}
     step = 0
     if resume and (run / "ckpt" / "state.pt").is_file():
@@ -184,10 +187,11 @@ def distill(cfg: DistillConfig, resume: bool = False, teacher_bundle=None, datas
         disc, opt_d = acc.prepare(disc, opt_d)
     ema = ema.to(acc.device)
     models = Models(student=Denoiser(student, schedule), teacher=Denoiser(
-        teacher_unet, schedule, guidance_scale=cfg.guidance_scale, null_cond=null),
+        st.teacher_net, schedule, guidance_scale=cfg.guidance_scale, null_cond=null),
         rollout=Denoiser(ema if cfg.rollout_weights == "ema" else student, schedule), schedule=schedule, disc=disc)
     method = build_method(cfg, schedule, timesteps)
-    grid_prompts, grid_seeds = _grid_prompts(dataset), list(range(8))
+    grid_prompts = _grid_prompts(dataset)
+    grid_seeds = list(range(len(grid_prompts)))  # one seed per prompt (a small dataset has fewer than 8)
     log_f = open(run / "log.csv", "a", newline="") if acc.is_main_process else None
     log = csv.writer(log_f) if log_f else None
     if log_f is not None and step == 0:
@@ -244,17 +248,17 @@ def distill(cfg: DistillConfig, resume: bool = False, teacher_bundle=None, datas
                                     f"is kept in {run / 'ckpt'}")
             acc.wait_for_everyone()
             if acc.is_main_process:
-                save_checkpoint(run, step, {**nets, "student": acc.unwrap_model(student),
-                                            **({"disc": acc.unwrap_model(disc)} if disc else {})}, opts, {})
+                save_checkpoint(run, step, {**nets, **({"disc": acc.unwrap_model(disc)} if disc else {})}, opts, {})
         if acc.is_main_process and (step % cfg.sample_every == 0 or step == cfg.max_steps):
             _sample_grid(run / "samples" / f"step{step:06d}.png", models, ema, text, grid_prompts, grid_seeds,
-                         timesteps, cfg, encoder, sched_cfg, resolution, teacher_unet.config.in_channels)
+                         timesteps, cfg, encoder, sched_cfg, resolution // encoder.downscale,
+                         teacher_unet.config.in_channels)
     bar.close()
     minutes = (time.time() - t0) / 60
     if acc.is_main_process:
-        save_student(run / "student", ema, sched_cfg, timesteps, cfg.noise_correction,
-                     {**meta, "kind": "imagine-flash student", "method": cfg.method, "variant": cfg.variant,
-                      "teacher_guidance_scale": cfg.guidance_scale, "train_steps": step})
+        export_student(run, bundle, st, timesteps, cfg.noise_correction,
+                       {**meta, "kind": "imagine-flash student", "method": cfg.method, "variant": cfg.variant,
+                        "teacher_guidance_scale": cfg.guidance_scale, "train_steps": step, "lora_rank": cfg.lora_rank})
         (run / "train.json").write_text(json.dumps({"steps": step, "train_minutes": minutes, **last}, indent=2))
         if log_f:
             log_f.close()
