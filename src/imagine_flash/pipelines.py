@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 import re
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,7 +95,9 @@ def _load_pipeline(spec: str, dtype: torch.dtype, device, resolution: int | None
         index = DiffusionPipeline.load_config(spec)
         sched = DDIMScheduler.load_config(spec, subfolder="scheduler")
     except Exception as e:  # a missing file, no network, an unknown hub id: diffusers raises many kinds
-        raise ModelFolderError(f"{spec}: not a diffusers pipeline folder or reachable hub id ({_first_line(e)})") from None
+        offline = " with HF_HUB_OFFLINE set" if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") else ""
+        raise ModelFolderError(f"{spec}: not a diffusers pipeline folder or reachable hub id{offline} "
+                               f"({_first_line(e)})") from None
     kind = index.get("_class_name")
     if kind not in PIPELINES:
         raise ModelFolderError(f"{spec}: {kind} is not supported; the teacher must be a {' or '.join(PIPELINES)}")
@@ -118,17 +122,23 @@ def _load_pipeline(spec: str, dtype: torch.dtype, device, resolution: int | None
 
 
 class PipelineText:
-    """Prompt conditioning exactly as the pipeline's own encode_prompt makes it, cached per prompt (float32, CPU).
+    """Prompt conditioning exactly as the pipeline's own encode_prompt makes it, cached per prompt on the CPU.
 
     SD: the CLIP text encoder's last hidden states (B, 77, 768). SDXL: both encoders' penultimate hidden states,
     concatenated (B, 77, 2048), and in Cond.extra the pooled text_embeds of encoder 2 (B, 1280) and time_ids
     (original size, crop top-left (0, 0), target size) (B, 6) for a size x size image, as SDXL's pipeline builds them.
+
+    New prompts are encoded in chunks of exactly CHUNK (padded with ""): with fixed shapes a prompt's embedding does
+    not depend on its batch-mates, so a resumed run sees the same conditioning. The cache keeps the most recently
+    used max_prompts in the text encoders' dtype (an SDXL prompt is 77 x 2048 values: 315 kB in bf16).
     """
 
-    def __init__(self, pipe, size: int):
-        self.pipe, self.size = pipe, size
+    CHUNK = 32
+
+    def __init__(self, pipe, size: int, max_prompts: int = 20_000):
+        self.pipe, self.size, self.max_prompts = pipe, size, max_prompts
         self.sdxl = getattr(pipe, "text_encoder_2", None) is not None
-        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor | None]] = OrderedDict()
         self._null: Cond | None = None
 
     @torch.no_grad()
@@ -138,10 +148,11 @@ class PipelineText:
                                       do_classifier_free_guidance=null)
         if self.sdxl:  # (embeds, negative embeds, pooled, negative pooled)
             hidden, pooled = (out[1], out[3]) if null else (out[0], out[2])
-            return hidden.float().cpu(), pooled.float().cpu()
-        return (out[1] if null else out[0]).float().cpu(), None
+            return hidden.cpu(), pooled.cpu()
+        return (out[1] if null else out[0]).cpu(), None
 
     def _cond(self, hidden: torch.Tensor, pooled: torch.Tensor | None) -> Cond:
+        hidden, pooled = hidden.float(), None if pooled is None else pooled.float()
         if pooled is None:
             return Cond(hidden)  # no mask: SD pipelines pass none to the UNet
         s = float(self.size)
@@ -150,17 +161,23 @@ class PipelineText:
 
     def __call__(self, prompts: list[str]) -> Cond:
         new = sorted({p for p in prompts if p not in self._cache})
-        for i in range(0, len(new), 64):  # fixed chunks of sorted prompts: an embedding never depends on a batch
-            chunk = new[i:i + 64]
-            hidden, pooled = self._encode(chunk)
+        for i in range(0, len(new), self.CHUNK):
+            chunk = new[i:i + self.CHUNK]
+            hidden, pooled = self._encode(chunk + [""] * (self.CHUNK - len(chunk)))
             for j, p in enumerate(chunk):
-                self._cache[p] = (hidden[j], None if pooled is None else pooled[j])
-        hidden = torch.stack([self._cache[p][0] for p in prompts])
-        pooled = None if not self.sdxl else torch.stack([self._cache[p][1] for p in prompts])
+                self._cache[p] = (hidden[j].clone(), None if pooled is None else pooled[j].clone())
+        entries = []
+        for p in prompts:
+            self._cache.move_to_end(p)
+            entries.append(self._cache[p])
+        while len(self._cache) > max(self.max_prompts, len(prompts)):
+            self._cache.popitem(last=False)
+        hidden = torch.stack([h for h, _ in entries])
+        pooled = None if not self.sdxl else torch.stack([q for _, q in entries])
         return self._cond(hidden, pooled)
 
     def null_cond(self) -> Cond:
-        """The pipeline's unconditional branch: the empty prompt's states (zeros for SDXL's force_zeros_for_empty_prompt)."""
+        """The pipeline's CFG negative: the empty prompt's states (zeros under SDXL's force_zeros_for_empty_prompt)."""
         if self._null is None:
             self._null = self._cond(*self._encode([""], null=True))
         return self._null

@@ -152,15 +152,14 @@ def merge_lora(unet: nn.Module, lora_config, lora_state: dict[str, torch.Tensor]
     return unet
 
 
-def make_optimizer(kind: str, params, lr: float, betas) -> torch.optim.Optimizer:
-    """Adam, or bitsandbytes' 8-bit Adam (optimizer state in 8 bits: 2 bytes per parameter instead of 8)."""
-    params = [p for p in params if p.requires_grad]
+def optimizer_class(kind: str):
+    """torch Adam, or bitsandbytes' 8-bit Adam (optimizer state in 8 bits: 2 bytes per parameter instead of 8)."""
     if kind == "adam":
-        return torch.optim.Adam(params, lr=lr, betas=tuple(betas))
+        return torch.optim.Adam
     if kind == "adam8bit":
         try:
             import bitsandbytes as bnb
         except ImportError:
             raise ConfigError("optimizer=adam8bit needs bitsandbytes: pip install bitsandbytes") from None
-        return bnb.optim.Adam8bit(params, lr=lr, betas=tuple(betas))
+        return bnb.optim.Adam8bit
     raise ConfigError(f"optimizer={kind!r}: use adam or adam8bit")

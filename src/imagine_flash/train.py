@@ -134,7 +134,7 @@ def distill(cfg: DistillConfig, resume: bool = False, teacher_bundle=None, datas
     from .config import ConfigError
     from .losses.discriminator import HingeAdversarial, UNetEncoderDiscriminator
     from .pipelines import export_student, load_bundle, resolve_dtype
-    from .student import build_student, make_optimizer
+    from .student import build_student, optimizer_class
 
     resolve_variant(cfg)
     if cfg.threads:
@@ -144,7 +144,7 @@ def distill(cfg: DistillConfig, resume: bool = False, teacher_bundle=None, datas
     if acc.is_main_process:
         run.mkdir(parents=True, exist_ok=True)
     # Teacher (a bundle: UNet, schedule, pixel or VAE encoder, text encoder), data.
-    teacher_dtype = resolve_dtype(cfg.teacher_dtype, acc.device)
+    teacher_dtype, adam = resolve_dtype(cfg.teacher_dtype, acc.device), optimizer_class(cfg.optimizer)
     bundle = teacher_bundle or load_bundle(cfg.teacher, teacher_dtype, acc.device, text, cfg.resolution)
     sched_cfg, meta, encoder, text = bundle.schedule_config, bundle.meta, bundle.encoder, bundle.text
     teacher_unet = bundle.unet.to(acc.device).eval().requires_grad_(False)
@@ -174,8 +174,8 @@ def distill(cfg: DistillConfig, resume: bool = False, teacher_bundle=None, datas
     if disc is not None and cfg.gradient_checkpointing:
         disc.enc.enable_gradient_checkpointing()
     student, ema = st.net, st.ema
-    opt_g = make_optimizer(cfg.optimizer, student.parameters(), cfg.lr, cfg.adam_betas)
-    opt_d = make_optimizer(cfg.optimizer, disc.parameters(), cfg.disc_lr, cfg.disc_betas) if disc else None
+    opt_g = adam([p for p in student.parameters() if p.requires_grad], lr=cfg.lr, betas=tuple(cfg.adam_betas))
+    opt_d = adam(disc.parameters(), lr=cfg.disc_lr, betas=tuple(cfg.disc_betas)) if disc else None
     nets = {"student": st.state, "ema": ema, **({"disc": disc} if disc else {})}
     opts = {"g": opt_g, **({"d": opt_d} if opt_d else {})}
     step = 0
