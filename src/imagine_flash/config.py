@@ -172,7 +172,7 @@ class DistillConfig:
     fid_reference: int = 2000  # real test images for the FID reference statistics (cached)
     eval_batch: int = 250  # generation batch size for evaluation and timing
     threads: int = 0  # torch threads (0: leave torch's default)
-    resolution: int | None = None  # training resolution for user datasets (default: the teacher's sample size)
+    resolution: int | None = None  # training image side in pixels (default: the teacher's, e.g. 512 for SD 1.5)
 
 
 def resolve_variant(cfg: DistillConfig) -> DistillConfig:

@@ -108,6 +108,10 @@ def _load_pipeline(spec: str, dtype: torch.dtype, device, resolution: int | None
     except Exception as e:
         raise ModelFolderError(f"{spec}: cannot load the pipeline ({_first_line(e)})") from None
     unet = cast(pipe.unet, device, torch.float32).requires_grad_(False)
+    proj = getattr(unet.time_embedding, "cond_proj", None)
+    if proj is not None and proj.weight.any():  # our exports carry a zero one, which changes nothing
+        raise ModelFolderError(f"{spec}: the UNet takes a guidance-scale embedding (LCM's time_cond_proj_dim), "
+                               "which is not supported")
     # fp16 overflows in VAEs that ask to be upcast (SDXL's): those stay float32; bf16 has the range of float32.
     cast(pipe.vae, device, torch.float32 if dtype == torch.float16 and pipe.vae.config.force_upcast else dtype)
     for name in ("text_encoder", "text_encoder_2"):
@@ -209,32 +213,30 @@ def _merged(bundle: ModelBundle, lora_config, lora_state):
 
 
 def with_guidance_input(unet):
-    """The same UNet plus a guidance-scale input (LCM's time_cond_proj_dim) whose projection is zero.
+    """A float32 CPU copy of the UNet plus a guidance-scale input (LCM's time_cond_proj_dim) whose projection is zero.
 
     Its outputs do not change, bit for bit. But SD/SDXL pipelines run no classifier-free guidance for a UNet with this
     input, so `pipe(prompt)` at the default guidance_scale samples the student as trained (its CFG is distilled in).
     """
     from diffusers import UNet2DConditionModel
 
-    if unet.config.time_cond_proj_dim is not None:
-        return unet
     config = {k: v for k, v in unet.config.items() if not k.startswith("_")}
-    out = UNet2DConditionModel.from_config({**config, "time_cond_proj_dim": GUIDANCE_EMBED_DIM})
+    had = config.get("time_cond_proj_dim") is not None  # a student of an exported student: keep its zero input
+    out = UNet2DConditionModel.from_config({**config, "time_cond_proj_dim": config.get("time_cond_proj_dim")
+                                            or GUIDANCE_EMBED_DIM})
     missing, unexpected = out.load_state_dict(unet.state_dict(), strict=False)
-    if missing != ["time_embedding.cond_proj.weight"] or unexpected:
+    if missing != ([] if had else ["time_embedding.cond_proj.weight"]) or unexpected:
         raise RuntimeError(f"unexpected UNet layout: missing {missing}, unexpected {unexpected}")
     torch.nn.init.zeros_(out.time_embedding.cond_proj.weight)
-    return cast(out, unet.device, unet.dtype)
+    return out
 
 
 def save_student_pipeline(out: Path, bundle: ModelBundle, unet, timesteps, noise_correction: bool, meta: dict) -> None:
     """The teacher pipeline's components (re-read in float32), the student UNet and FlashScheduler with the trained
     timesteps fixed. Loads with DiffusionPipeline.from_pretrained(out) once `import imagine_flash` has run."""
-    import copy
-
     from diffusers import DiffusionPipeline
 
-    unet = with_guidance_input(copy.deepcopy(getattr(unet, "module", unet)).float().cpu())
+    unet = with_guidance_input(getattr(unet, "module", unet))  # a CPU copy: no second student on the GPU
     sched = student_scheduler(bundle.schedule_config, timesteps, noise_correction)
     pipe = DiffusionPipeline.from_pretrained(bundle.source, unet=unet, scheduler=sched, use_safetensors=True)
     for m in pipe.components.values():  # the teacher's components as stored may be fp16: export float32 throughout
