@@ -106,7 +106,6 @@ def measure_rows(cfg: BenchmarkConfig, students: dict) -> list[dict]:
     from .eval.fid import InceptionFeatures
     from .eval.metrics import evaluate_model
     from .generate import ModelRunner
-    from .models import load_model_folder
     from .train import default_teacher
 
     rows_dir = Path(cfg.out) / "rows"
@@ -122,7 +121,7 @@ def measure_rows(cfg: BenchmarkConfig, students: dict) -> list[dict]:
             inception, classifier = InceptionFeatures(), load_classifier()
         print(f"benchmark: measuring {row.key}", flush=True)
         if row.student is None:
-            runner = ModelRunner(bundle=load_model_folder(cfg.teacher or default_teacher()), text=text)
+            runner = ModelRunner(cfg.teacher or default_teacher(), text=text)
             solver = row.method.removeprefix("teacher-")
         else:
             runner = ModelRunner(students[row.student]["path"], text=text)

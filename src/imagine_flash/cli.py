@@ -73,21 +73,24 @@ def cmd_distill(args) -> None:
     cfg, explicit = DistillConfig(), set()
     direct = {"student_steps": args.student_steps, "max_steps": args.max_steps, "eval_samples": args.eval_samples,
               "seed": args.seed, "out": args.out, "teacher": args.teacher, "dataset": args.dataset,
-              "method": args.method, "variant": args.variant, "skip_bad_files": args.skip_bad_files or None}
+              "method": args.method, "variant": args.variant, "skip_bad_files": args.skip_bad_files or None,
+              "lora_rank": args.lora_rank}
     cfg = apply_method_defaults(_resolve(cfg, args, direct, explicit), explicit)
     if "out" not in explicit:
         cfg.out = f"runs/{cfg.method}-{cfg.variant}-{cfg.student_steps}step"
     resolve_variant(cfg)
-    if args.teacher is not None and not Path(args.teacher).exists():
+    from .pipelines import HUB_ID
+    if args.teacher is not None and not Path(args.teacher).exists() and not HUB_ID.fullmatch(args.teacher):
         raise FileNotFoundError(f"--teacher {args.teacher}: no such folder")
     print(json.dumps(dataclasses.asdict(cfg), indent=2))
     if args.dry_run:
         return
     student = distill(cfg, resume=args.resume)
     print(f"student written to {student}")
-    if cfg.eval_samples > 0 and cfg.dataset not in (None, "fashion"):
-        # The metrics use the embedded test split, its prompts and its classifier: wrong for other data.
-        print("metrics.json skipped: FID/alignment are defined on the embedded data only (use --eval-samples 0)")
+    if cfg.eval_samples > 0 and (cfg.dataset not in (None, "fashion") or (student / "model_index.json").is_file()):
+        # The metrics use the embedded test split, its prompts and its classifier: wrong for other data or models.
+        print("metrics.json skipped: FID/alignment are defined on the embedded data and pixel teacher only "
+              "(use --eval-samples 0)")
     elif cfg.eval_samples > 0:
         from .eval.metrics import evaluate_run
         metrics = evaluate_run(cfg, student)
@@ -167,7 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--eval-samples", type=int, help="images per model for metrics.json (0: skip)")
     ds.add_argument("--seed", type=int, help="random seed")
     ds.add_argument("--out", help="run folder (default runs/<method>-<variant>-<n>step)")
-    ds.add_argument("--teacher", help="teacher model folder (default: the shipped teacher)")
+    ds.add_argument("--teacher", help="teacher: model folder, SD/SDXL diffusers pipeline folder, or hub id when online "
+                    "(default: the shipped teacher)")
+    ds.add_argument("--lora-rank", type=int, metavar="R", help="train a rank-R LoRA student (default: full fine-tune)")
     ds.add_argument("--dataset", help="images with metadata.jsonl or .txt captions, hf:NAME_OR_PATH, webdataset "
                     "shards (folder, x.tar, x-{000..009}.tar) or a prompts .txt (default: embedded data)")
     ds.add_argument("--skip-bad-files", action="store_true", help="report bad images/captions and go on without them")

@@ -139,7 +139,8 @@ class DistillConfig:
     """Distilling a teacher into a few-step student with one of the methods of the one training loop."""
 
     out: str = "runs/flash"  # run folder: checkpoints, samples, logs, the student in student/, metrics.json
-    teacher: str | None = None  # teacher model folder (default: the shipped embedded teacher)
+    teacher: str | None = None  # our model folder, a diffusers SD/SDXL pipeline folder or hub id (default: shipped)
+    teacher_dtype: str = "auto"  # frozen teacher, VAE, text encoders: auto (CUDA: bf16 if supported), fp32, bf16, fp16
     dataset: str | None = None  # None/'fashion' = embedded coloured Fashion-MNIST, or an imagefolder path
     method: str = "flash"  # the loss plugged into the loop: flash, lcm, add, progressive (see METHODS)
     variant: str = "full"  # a Table 3 ablation: full, no-nc, no-disc, no-backward, no-srl
@@ -166,7 +167,12 @@ class DistillConfig:
     max_steps: int = 600  # student updates
     ema_decay: float = 0.99  # EMA of the student; the exported student is the EMA
     grad_clip: float = 1.0  # max gradient norm
-    mixed_precision: str = "no"  # accelerate mixed precision: no, fp16, bf16
+    mixed_precision: str = "no"  # accelerate autocast for the float32 student and discriminator: no, fp16, bf16
+    lora_rank: int = 0  # 0: full fine-tune; R > 0: a rank-R LoRA student on the teacher's own UNet (peft)
+    lora_alpha: float | None = None  # LoRA alpha (default: the rank, i.e. scale 1)
+    lora_targets: tuple = ("to_q", "to_k", "to_v", "to_out.0")  # the UNet modules LoRA adapts
+    gradient_checkpointing: bool = False  # recompute student and discriminator activations in backward
+    optimizer: str = "adam"  # adam, or adam8bit (bitsandbytes) for the student and the discriminator
     seed: int = 0  # seeds every random draw (per step, per process)
     ckpt_every: int = 100  # steps between checkpoints (atomic; 'ckpt' is always complete)
     sample_every: int = 200  # steps between teacher/student sample grids
@@ -176,7 +182,7 @@ class DistillConfig:
     fid_reference: int = 2000  # real test images for the FID reference statistics (cached)
     eval_batch: int = 250  # generation batch size for evaluation and timing
     threads: int = 0  # torch threads (0: leave torch's default)
-    resolution: int | None = None  # training resolution for user datasets (default: the teacher's sample size)
+    resolution: int | None = None  # training image side in pixels (default: the teacher's, e.g. 512 for SD 1.5)
     lcm_ddim_timesteps: int = 50  # lcm: the teacher solver's DDIM grid (skipping step k = T / this)
     lcm_loss: str = "l2"  # lcm: consistency distance, 'l2' or 'huber' (c = 0.001)
     progressive_stages: int = 3  # progressive: halvings, e.g. 3 stages to 4 steps = 32 -> 16 -> 8 -> 4

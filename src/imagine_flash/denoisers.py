@@ -52,16 +52,19 @@ def _call_net(net, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tens
 
     base = getattr(net, "module", net)  # DDP / accelerate wrappers
     base = getattr(base, "_orig_mod", base)  # torch.compile
+    dtype = getattr(base, "dtype", None)
+    dtype = dtype if isinstance(dtype, torch.dtype) else None
+    x_in = x_t if dtype is None else x_t.to(dtype)  # a bf16/fp16 frozen teacher gets bf16/fp16 inputs
     if isinstance(base, UNet2DConditionModel) or getattr(base, "_is_cond_unet", False):
-        mask = cond.mask
-        out = net(x_t, t, encoder_hidden_states=cond.hidden,
-                  encoder_attention_mask=None if mask is None else mask.to(x_t.dtype),
-                  added_cond_kwargs=cond.extra or None).sample
+        c = cond.to(dtype=dtype)
+        out = net(x_in, t, encoder_hidden_states=c.hidden,
+                  encoder_attention_mask=None if c.mask is None else c.mask.to(x_in.dtype),
+                  added_cond_kwargs=c.extra or None).sample
     elif isinstance(base, UNet2DModel):
-        out = net(x_t, t).sample
+        out = net(x_in, t).sample
     else:
         out = net(x_t, t, cond)
-    return out
+    return out.to(x_t.dtype)  # samplers and losses compute in the caller's precision
 
 
 class Denoiser:

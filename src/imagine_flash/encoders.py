@@ -7,6 +7,8 @@ import torch
 class PixelEncoder:
     """Identity: the model works on images in [-1, 1]."""
 
+    downscale = 1  # image side / model side
+
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         return images
 
@@ -21,6 +23,7 @@ class VAEEncoder:
         self.vae = vae.eval().requires_grad_(False)
         self.scale = vae.config.scaling_factor
         self.shift = getattr(vae.config, "shift_factor", None) or 0.0
+        self.downscale = 2 ** (len(vae.config.block_out_channels) - 1)  # diffusers' vae_scale_factor (8 for SD)
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:

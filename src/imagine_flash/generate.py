@@ -8,31 +8,24 @@ import torch
 from tqdm import tqdm
 
 from .denoisers import Denoiser
-from .encoders import PixelEncoder
 from .schedule import make_schedule
 
 
 class ModelRunner:
-    """A model folder ready to sample: a student samples with FlashScheduler at its trained timesteps, a teacher
-    with DPM-Solver++ (or DDIM) and CFG."""
+    """A model folder or diffusers pipeline ready to sample: a student samples with FlashScheduler at its trained
+    timesteps, a teacher with DPM-Solver++ (or DDIM) and CFG. Images are decoded by the model's encoder."""
 
     def __init__(self, path: str | Path | None = None, bundle=None, text=None):
-        from .models import load_model_folder
+        from .pipelines import load_bundle
 
-        if bundle is None:
-            from .train import default_teacher
-            bundle = load_model_folder(path or default_teacher())
-        self.unet, self.sched_cfg, self.meta = bundle
+        bundle = bundle or load_bundle(path, text=text)
+        self.unet, self.sched_cfg, self.meta = bundle.unet, bundle.schedule_config, bundle.meta
         self.unet.eval().requires_grad_(False)
         self.schedule = make_schedule(**self.sched_cfg)
         self.is_student = self.meta.get("kind") == "imagine-flash student"
-        if text is None:
-            from .data.text import MiniLMTextEncoder
-            text = MiniLMTextEncoder()
-        self.text = text
-        self.encoder = PixelEncoder()
-        self.null = text([""])
-        self.resolution = int(self.unet.config.sample_size)
+        self.text, self.encoder = bundle.text, bundle.encoder
+        self.null = self.text.null_cond()
+        self.resolution = int(self.unet.config.sample_size)  # the model's side (latent side for a VAE model)
         self.channels = int(self.unet.config.in_channels)
 
     def default_steps(self) -> int:

@@ -59,6 +59,19 @@ def save_student(out: str | Path, unet, schedule_config: dict, timesteps, schedu
                       scheduler=scheduler)
 
 
+def cast(module: torch.nn.Module, device=None, dtype=None) -> torch.nn.Module:
+    """module.to(device, dtype) without diffusers' ModelMixin.to, which warns on every dtype cast."""
+    return torch.nn.Module.to(module, device=device, dtype=dtype)
+
+
+def student_scheduler(schedule_config: dict, timesteps, noise_correction: bool):
+    """FlashScheduler that always samples at the student's trained timesteps, with or without Eq. 9."""
+    from .scheduler import FlashScheduler
+
+    return FlashScheduler(**schedule_config, noise_correction=noise_correction, timesteps=list(timesteps),
+                          fixed_timesteps=True)
+
+
 def _replace_dir(tmp: Path, out: Path) -> None:
     """Swap a finished folder into place so a killed write never leaves a broken one."""
     import shutil
@@ -87,12 +100,26 @@ def load_model_folder(path: str | Path, dtype=torch.float32):
     except Exception as e:  # diffusers raises many kinds here
         raise ModelFolderError(f"{unet_dir} is not a diffusers UNet2DConditionModel: {str(e).splitlines()[0]}") from e
     sched_file = path / "scheduler" / "scheduler_config.json"
-    sched = json.loads(sched_file.read_text()) if sched_file.is_file() else {}
+    schedule_config = schedule_config_from(json.loads(sched_file.read_text()) if sched_file.is_file() else {},
+                                           sched_file)
+    return unet, schedule_config, read_meta(path)
+
+
+def read_meta(path: str | Path) -> dict:
+    """imagine_flash.json of a model folder or exported pipeline ({} for a plain diffusers folder)."""
+    meta_file = Path(path) / META_FILE
+    return json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+
+
+def schedule_config_from(sched: dict, where) -> dict:
+    """The noise schedule of a diffusers scheduler config, or a one-line error for a model we cannot distil."""
     pred = sched.get("prediction_type", "epsilon")
     if pred != "epsilon":
-        raise ModelFolderError(f"{sched_file}: prediction_type is {pred!r}; the teacher must be an epsilon model")
-    schedule_config = {k: sched.get(k, d) for k, d in (("num_train_timesteps", 1000), ("beta_start", 0.00085),
-                                                       ("beta_end", 0.012), ("beta_schedule", "scaled_linear"))}
-    meta_file = path / META_FILE
-    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-    return unet, schedule_config, meta
+        raise ModelFolderError(f"{where}: prediction_type is {pred!r}; the teacher must be an epsilon model")
+    if sched.get("rescale_betas_zero_snr"):
+        raise ModelFolderError(f"{where}: rescale_betas_zero_snr=true is not supported")
+    if sched.get("trained_betas") is not None or sched.get("beta_schedule", "scaled_linear") not in ("scaled_linear",
+                                                                                                      "linear"):
+        raise ModelFolderError(f"{where}: only scaled_linear and linear beta schedules are supported")
+    return {k: sched.get(k, d) for k, d in (("num_train_timesteps", 1000), ("beta_start", 0.00085),
+                                            ("beta_end", 0.012), ("beta_schedule", "scaled_linear"))}

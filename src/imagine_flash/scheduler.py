@@ -1,7 +1,8 @@
 """FlashScheduler: the few-step student sampler (Eq. 4, with Eq. 9 noise correction) as a diffusers scheduler.
 
 A saved pipeline carries its student timesteps in the config, so `set_timesteps()` with no arguments samples in
-the steps it was distilled for. All the math comes from schedule.py.
+the steps it was distilled for; with `fixed_timesteps=True` (how students are exported) any num_inference_steps
+does, so a pipeline's default of 50 steps still samples in the trained ones. All the math comes from schedule.py.
 """
 from __future__ import annotations
 
@@ -12,12 +13,13 @@ import numpy as np
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
-from diffusers.utils import BaseOutput
+from diffusers.utils import BaseOutput, logging
 
 from .schedule import (STUDENT_TIMESTEPS, ddim_step, eps_from_v, eps_from_x0, make_schedule, noise_corrected_step,
                        q_sample, x0_from_eps, x0_from_v)
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -62,6 +64,7 @@ class FlashScheduler(SchedulerMixin, ConfigMixin):
         noise_correction: bool = True,  # Eq. 9: x_T replaces eps_hat in the first step's sigma term
         timesteps: list[int] | None = None,  # the student's trained timesteps, e.g. [999, 750, 500]
         rescale_betas_zero_snr: bool = False,  # a DDIM key, accepted only to refuse True instead of ignoring it
+        fixed_timesteps: bool = False,  # always sample at `timesteps`, whatever num_inference_steps a pipeline passes
     ):
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type {prediction_type!r} must be one of {PREDICTION_TYPES}")
@@ -71,6 +74,8 @@ class FlashScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"trained_betas has {len(trained_betas)} entries, expected {num_train_timesteps}")
         if timesteps is not None:
             self.register_to_config(timesteps=check_timesteps(timesteps, num_train_timesteps))  # JSON-saveable ints
+        elif fixed_timesteps:
+            raise ValueError("fixed_timesteps=True needs the trained timesteps, e.g. timesteps=[999, 750, 500]")
 
         self.schedule = make_schedule(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas)
         self.alphas_cumprod = self.schedule.alphas_cumprod.float()  # (T,), read by some diffusers utilities
@@ -82,6 +87,7 @@ class FlashScheduler(SchedulerMixin, ConfigMixin):
         self._timesteps: list[int] = []
         self._step_index = None
         self._begin_index = None
+        self._warned_fixed = False
 
     @property
     def step_index(self) -> int | None:
@@ -116,6 +122,12 @@ class FlashScheduler(SchedulerMixin, ConfigMixin):
 
     def _default_timesteps(self, n: int | None) -> Sequence[int]:
         T, trained = self.config.num_train_timesteps, self.config.timesteps
+        if self.config.fixed_timesteps:  # a distilled student: pipelines pass num_inference_steps=50 by default
+            if n is not None and n != len(trained) and not self._warned_fixed:
+                logger.warning(f"FlashScheduler samples at its trained timesteps {trained}; num_inference_steps={n} "
+                               "is ignored (pass timesteps=[...] to choose others)")
+                self._warned_fixed = True
+            return trained
         if n is None:
             if trained is None:
                 raise ValueError("no timesteps: pass num_inference_steps or timesteps, or set config.timesteps")

@@ -5,7 +5,6 @@ Methods are losses plugged in through `build_method`; the loop knows nothing of 
 from __future__ import annotations
 
 import contextlib
-import copy
 import csv
 import json
 import time
@@ -125,8 +124,8 @@ def discriminator_step(adv, disc, x0_real, x0_fake, cond, gen):
 
 @torch.no_grad()
 def ema_update(ema: torch.nn.Module, net: torch.nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * net, parameter by parameter."""
-    for pe, p in zip(ema.parameters(), net.parameters()):
+    """ema <- decay * ema + (1 - decay) * net, over net's trainable parameters (all, or a LoRA student's adapters)."""
+    for pe, p in zip(ema.parameters(), [p for p in net.parameters() if p.requires_grad], strict=True):
         pe.lerp_(p.detach(), 1 - decay)
 
 
@@ -169,7 +168,8 @@ def distill(cfg: DistillConfig, resume: bool = False, teacher_bundle=None, datas
     from accelerate import Accelerator
 
     from .losses.discriminator import HingeAdversarial
-    from .models import load_model_folder, save_student
+    from .pipelines import export_student, load_bundle, resolve_dtype
+    from .student import build_student, optimizer_class
 
     resolve_variant(cfg)
     if cfg.threads:
@@ -181,13 +181,17 @@ def distill(cfg: DistillConfig, resume: bool = False, teacher_bundle=None, datas
     run = Path(cfg.out)
     if acc.is_main_process:
         run.mkdir(parents=True, exist_ok=True)
-    # Teacher, schedule, data, text.
-    teacher_unet, sched_cfg, meta = teacher_bundle or load_model_folder(cfg.teacher or default_teacher())
-    teacher_unet = teacher_unet.to(acc.device).eval().requires_grad_(False)
+    # Teacher (a bundle: UNet, schedule, pixel or VAE encoder, text encoder), data.
+    teacher_dtype, adam = resolve_dtype(cfg.teacher_dtype, acc.device), optimizer_class(cfg.optimizer)
+    bundle = teacher_bundle or load_bundle(cfg.teacher, teacher_dtype, acc.device, text, cfg.resolution)
+    sched_cfg, meta, encoder, text = bundle.schedule_config, bundle.meta, bundle.encoder, bundle.text
+    teacher_unet = bundle.unet.to(acc.device).eval().requires_grad_(False)
     schedule = make_schedule(**sched_cfg)
     if cfg.guidance_scale is None:
         cfg.guidance_scale = float(meta.get("guidance_scale", 3.0))
-    resolution = cfg.resolution or int(teacher_unet.config.sample_size)
+    resolution = bundle.resolution  # image side; the model works at resolution // encoder.downscale
+    if resolution % encoder.downscale:
+        raise ConfigError(f"resolution={resolution} is not a multiple of the VAE's downscale {encoder.downscale}")
     if dataset is None:
         from .data import data_options, load_dataset
         dataset = load_dataset(cfg.dataset, resolution, **data_options(cfg))
@@ -195,30 +199,31 @@ def distill(cfg: DistillConfig, resume: bool = False, teacher_bundle=None, datas
     if not has_images:  # prompts only: backward distillation with no discriminator never needs an image
         from .data.prompts import check_prompts_only
         check_prompts_only(cfg)
-    if text is None:
-        from .data.text import MiniLMTextEncoder
-        text = MiniLMTextEncoder()
-    encoder = PixelEncoder()
     # Encode every caption once, in a fixed order: an embedding must not depend on its batch-mates (BLAS blocking
     # differs with batch size), or a resumed run would see slightly different conditioning.
     text(sorted(set(getattr(dataset, "captions", []))) + [""])
-    null = text([""]).to(acc.device)
+    null = text.null_cond().to(acc.device)
     timesteps = student_timesteps(cfg)
     if acc.is_main_process:
         save_config(cfg, run / "config.json")
-    # Student (initialised from the teacher), EMA, discriminator, optimisers.
-    student = copy.deepcopy(teacher_unet).float().requires_grad_(True).train()
-    ema = copy.deepcopy(student).requires_grad_(False).eval()
+    # Discriminator (a float32 copy of the teacher's encoder, taken before a LoRA student changes that UNet), student
+    # (a copy of the teacher, or LoRA on it), EMA, optimisers.
     adv = HingeAdversarial(schedule, cfg.disc_t_max) if cfg.adv_weight > 0 else None
-    with torch.random.fork_rng(devices=[]):  # the heads' init depends on the seed only
+    with torch.random.fork_rng(devices=[]):  # the heads' and LoRA's init depend on the seed only
         torch.manual_seed(cfg.seed)
         disc = _build_discriminator(cfg, teacher_unet, text, encoder).to(acc.device) if adv else None
-    opt_g = torch.optim.Adam(student.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas))
-    opt_d = torch.optim.Adam([p for p in disc.parameters() if p.requires_grad], lr=cfg.disc_lr,
-                             betas=tuple(cfg.disc_betas)) if disc else None  # a projected disc's backbone is frozen
+        st = build_student(cfg, teacher_unet, teacher_dtype)
+    if disc is not None and cfg.gradient_checkpointing and hasattr(disc, "enc"):
+        disc.enc.enable_gradient_checkpointing()
+    student, ema = st.net, st.ema
+    opt_g = adam([p for p in student.parameters() if p.requires_grad], lr=cfg.lr, betas=tuple(cfg.adam_betas))
+    opt_d = adam([p for p in disc.parameters() if p.requires_grad], lr=cfg.disc_lr,
+                 betas=tuple(cfg.disc_betas)) if disc else None  # a projected disc's backbone is frozen
+    if cfg.method == "progressive" and cfg.lora_rank:
+        raise ConfigError("method=progressive needs a full student (its stage teachers copy the EMA): drop --lora-rank")
     method = build_method(cfg, schedule, timesteps, teacher_unet)
     method_nets = method.nets() if hasattr(method, "nets") else {}
-    nets = {"student": student, "ema": ema, **({"disc": disc} if disc else {}), **method_nets}
+    nets = {"student": st.state, "ema": ema, **({"disc": disc} if disc else {}), **method_nets}
     opts = {"g": opt_g, **({"d": opt_d} if opt_d else {})}
     step, seconds_before = 0, 0.0  # training seconds of earlier invocations (resume): train.json is cumulative
     if resume and (run / "ckpt" / "state.pt").is_file():
@@ -230,10 +235,11 @@ def distill(cfg: DistillConfig, resume: bool = False, teacher_bundle=None, datas
         disc, opt_d = acc.prepare(disc, opt_d)
     ema = ema.to(acc.device)
     models = Models(student=Denoiser(student, schedule), teacher=Denoiser(
-        teacher_unet, schedule, guidance_scale=cfg.guidance_scale, null_cond=null),
+        st.teacher_net, schedule, guidance_scale=cfg.guidance_scale, null_cond=null),
         rollout=Denoiser(ema if cfg.rollout_weights == "ema" else student, schedule), ema=Denoiser(ema, schedule),
         schedule=schedule, disc=disc)
-    grid_prompts, grid_seeds = _grid_prompts(dataset), list(range(8))
+    grid_prompts = _grid_prompts(dataset)
+    grid_seeds = list(range(len(grid_prompts)))  # one seed per prompt (a small dataset has fewer than 8)
     log_f = open(run / "log.csv", "a", newline="") if acc.is_main_process else None
     log = csv.writer(log_f) if log_f else None
     if log_f is not None and step == 0:
@@ -259,8 +265,8 @@ def distill(cfg: DistillConfig, resume: bool = False, teacher_bundle=None, datas
             if has_images:
                 x0_real = encoder.encode(torch.stack([it["image"] for it in items]).to(acc.device))
             else:  # prompts only: used only for its shape and device, by the backward rollout
-                x0_real = torch.zeros(len(items), teacher_unet.config.in_channels, resolution, resolution,
-                                      device=acc.device)
+                side = resolution // encoder.downscale
+                x0_real = torch.zeros(len(items), teacher_unet.config.in_channels, side, side, device=acc.device)
             cond = text([it["caption"] for it in items]).to(acc.device)
             with contextlib.nullcontext() if m == accum - 1 else acc.no_sync(student):  # all-reduce once
                 loss_g, parts, x0_fake = generator_step(method, models, x0_real, cond, gen, use_adv, cfg.adv_weight)
@@ -305,21 +311,21 @@ def distill(cfg: DistillConfig, resume: bool = False, teacher_bundle=None, datas
                                     f"is kept in {run / 'ckpt'}")
             acc.wait_for_everyone()
             if acc.is_main_process:
-                save_checkpoint(run, step, {**nets, "student": acc.unwrap_model(student),
-                                            **({"disc": acc.unwrap_model(disc)} if disc else {})}, opts,
+                save_checkpoint(run, step, {**nets, **({"disc": acc.unwrap_model(disc)} if disc else {})}, opts,
                                 {"seconds": time.time() - t0})
         if acc.is_main_process and (step % cfg.sample_every == 0 or step == cfg.max_steps):
             _sample_grid(run / "samples" / f"step{step:06d}.png", models, ema, text, grid_prompts, grid_seeds,
-                         timesteps, method.export_scheduler(sched_cfg, timesteps), encoder, sched_cfg, resolution,
+                         timesteps, method.export_scheduler(sched_cfg, timesteps), encoder, sched_cfg,
+                         resolution // encoder.downscale,
                          teacher_unet.config.in_channels)
     bar.close()
     minutes = (time.time() - t0) / 60
     if acc.is_main_process:
-        save_student(run / "student", ema, sched_cfg, timesteps, method.export_scheduler(sched_cfg, timesteps),
-                     {**meta, "kind": "imagine-flash student", "method": cfg.method, "variant": cfg.variant,
-                      "sampler": method.sampler, "noise_correction": method.sampler == "flash" and cfg.noise_correction,
-                      "teacher_guidance_scale": cfg.guidance_scale, "train_steps": step,
-                      **({"lcm_ddim_timesteps": cfg.lcm_ddim_timesteps} if cfg.method == "lcm" else {})})
+        export_student(run, bundle, st, timesteps, method.export_scheduler(sched_cfg, timesteps),
+                       {**meta, "kind": "imagine-flash student", "method": cfg.method, "variant": cfg.variant,
+                        "sampler": method.sampler, "noise_correction": method.sampler == "flash" and cfg.noise_correction,
+                        "teacher_guidance_scale": cfg.guidance_scale, "train_steps": step, "lora_rank": cfg.lora_rank,
+                        **({"lcm_ddim_timesteps": cfg.lcm_ddim_timesteps} if cfg.method == "lcm" else {})})
         (run / "train.json").write_text(json.dumps({"steps": step, "train_minutes": minutes, **last}, indent=2))
         if log_f:
             log_f.close()

@@ -49,3 +49,7 @@ class MiniLMTextEncoder:
         hidden = torch.stack([self._cache[p][0] for p in prompts])
         mask = torch.stack([self._cache[p][1] for p in prompts])
         return Cond(hidden, mask)
+
+    def null_cond(self) -> Cond:
+        """The CFG null conditioning: the empty prompt's states (1, L, 384)."""
+        return self([""])

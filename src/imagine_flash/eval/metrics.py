@@ -56,8 +56,6 @@ def evaluate_model(runner, num_samples: int, steps: int | None = None, fid_refer
 def evaluate_run(cfg, student_path: str | Path) -> dict:
     """metrics.json and comparison.png of a distillation run: the student at its steps, the teacher at 25."""
     from ..generate import ModelRunner
-    from ..models import load_model_folder
-    from ..train import default_teacher
     from ..viz import labelled_rows, save_png
     from .classifier import load_classifier
     from .fid import InceptionFeatures
@@ -66,7 +64,7 @@ def evaluate_run(cfg, student_path: str | Path) -> dict:
         torch.set_num_threads(cfg.threads)
     run = Path(cfg.out)
     student = ModelRunner(student_path)
-    teacher = ModelRunner(bundle=load_model_folder(cfg.teacher or default_teacher()), text=student.text)
+    teacher = ModelRunner(cfg.teacher, text=student.text)
     inception, classifier = InceptionFeatures(), load_classifier()
     kw = dict(fid_reference=cfg.fid_reference, batch=cfg.eval_batch, inception=inception, classifier=classifier)
     s_row, s_img = evaluate_model(student, cfg.eval_samples, **kw)

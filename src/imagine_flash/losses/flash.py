@@ -112,6 +112,6 @@ class FlashLoss:
 
     def export_scheduler(self, schedule_config: dict, timesteps):
         """FlashScheduler with the student's timesteps and noise correction fixed."""
-        from ..scheduler import FlashScheduler
+        from ..models import student_scheduler
 
-        return FlashScheduler(**schedule_config, noise_correction=self.noise_correction, timesteps=list(timesteps))
+        return student_scheduler(schedule_config, timesteps, self.noise_correction)

@@ -100,6 +100,6 @@ class ProgressiveLoss:
         return {"recon": w * (x0_hat - target.clone()).square().flatten(1).mean(1), "x0_student": x0_hat}
 
     def export_scheduler(self, schedule_config: dict, timesteps):
-        from ..scheduler import FlashScheduler
+        from ..models import student_scheduler
 
-        return FlashScheduler(**schedule_config, noise_correction=False, timesteps=list(timesteps))
+        return student_scheduler(schedule_config, timesteps, self.noise_correction)

@@ -1,0 +1,276 @@
+"""Any teacher as one bundle: our model folders, or a diffusers Stable Diffusion / SDXL pipeline (a folder, or a hub
+id when online). And the way back: a student exported as a diffusers pipeline, and as LoRA weights for the teacher's.
+
+The loop sees only the bundle: a UNet, its noise schedule, an encoder (pixels or VAE latents) and a text encoder
+that returns Cond. Nothing else in the library knows whether it distils in pixel or in latent space.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import re
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import ConfigError
+from .denoisers import Cond
+from .encoders import PixelEncoder, VAEEncoder
+from .models import (META_FILE, ModelFolderError, _replace_dir, cast, load_model_folder, read_meta, save_student,
+                     schedule_config_from)
+
+PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+GUIDANCE_EMBED_DIM = 256  # LCM's w-embedding size; any even size works, the projection is zero
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_dtype(name: str, device) -> torch.dtype:
+    """'auto': bf16 on a CUDA device that supports it, else fp16 on CUDA, fp32 on the CPU."""
+    if name == "auto":
+        if torch.device(device).type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if name not in DTYPES:
+        raise ConfigError(f"teacher_dtype={name!r}: use auto, fp32, bf16 or fp16")
+    return DTYPES[name]
+
+
+@dataclass
+class ModelBundle:
+    """A teacher (or a student to sample from) with everything the loop and the samplers need."""
+
+    unet: Any  # diffusers UNet2DConditionModel, eps-prediction, float32
+    schedule_config: dict  # num_train_timesteps, beta_start, beta_end, beta_schedule
+    meta: dict  # imagine_flash.json: kind, guidance_scale, timesteps, noise_correction, ...
+    encoder: Any  # PixelEncoder or VAEEncoder: x0 = encoder.encode(images), images = encoder.decode(x0)
+    text: Any  # prompts -> Cond, cached per prompt; text.null_cond() is the CFG null conditioning
+    resolution: int  # image side in pixels (the model side times encoder.downscale)
+    source: str  # the folder or hub id it was loaded from
+    pipeline: str | None = None  # the diffusers pipeline class; None for our own model folders
+
+    def fresh_unet(self):
+        """A float32 UNet from disk, e.g. to merge LoRA weights into base weights never rounded to bf16."""
+        if self.pipeline is None:
+            return load_model_folder(self.source)[0]
+        from diffusers import UNet2DConditionModel
+        return UNet2DConditionModel.from_pretrained(self.source, subfolder="unet", use_safetensors=True)
+
+
+def load_bundle(spec: str | Path | None = None, dtype: torch.dtype = torch.float32, device="cpu", text=None,
+                resolution: int | None = None) -> ModelBundle:
+    """Our model folder (default: the shipped teacher), a diffusers SD/SDXL pipeline folder, or a hub id.
+
+    The UNet stays float32 (a student is initialised from it); the VAE and text encoders are cast to dtype. `text`
+    replaces the MiniLM encoder of our folders; a pipeline always brings its own.
+    """
+    from .train import default_teacher
+
+    spec = str(spec or default_teacher())
+    path = Path(spec)
+    if (path / "model_index.json").is_file() or (not path.exists() and HUB_ID.fullmatch(spec)):
+        return _load_pipeline(spec, dtype, device, resolution)
+    if not path.exists():
+        raise FileNotFoundError(f"{spec}: no such folder")
+    unet, schedule_config, meta = load_model_folder(path)
+    if text is None:
+        from .data.text import MiniLMTextEncoder
+        text = MiniLMTextEncoder()
+    return ModelBundle(unet.to(device), schedule_config, meta, PixelEncoder(), text,
+                       resolution or int(unet.config.sample_size), spec)
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _load_pipeline(spec: str, dtype: torch.dtype, device, resolution: int | None) -> ModelBundle:
+    from diffusers import DDIMScheduler, DiffusionPipeline
+
+    try:
+        index = DiffusionPipeline.load_config(spec)
+        sched = DDIMScheduler.load_config(spec, subfolder="scheduler")
+    except Exception as e:  # a missing file, no network, an unknown hub id: diffusers raises many kinds
+        offline = " with HF_HUB_OFFLINE set" if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") else ""
+        raise ModelFolderError(f"{spec}: not a diffusers pipeline folder or reachable hub id{offline} "
+                               f"({_first_line(e)})") from None
+    kind = index.get("_class_name")
+    if kind not in PIPELINES:
+        raise ModelFolderError(f"{spec}: {kind} is not supported; the teacher must be a {' or '.join(PIPELINES)}")
+    schedule_config = schedule_config_from(sched, f"{spec}/scheduler/scheduler_config.json")
+    skip = {"safety_checker": None, "requires_safety_checker": False} if kind == "StableDiffusionPipeline" else {}
+    try:  # never pickles: safetensors only; no remote code
+        pipe = DiffusionPipeline.from_pretrained(spec, use_safetensors=True, **skip)
+    except Exception as e:
+        raise ModelFolderError(f"{spec}: cannot load the pipeline ({_first_line(e)})") from None
+    unet = cast(pipe.unet, device, torch.float32).requires_grad_(False)
+    proj = getattr(unet.time_embedding, "cond_proj", None)
+    if proj is not None and proj.weight.any():  # our exports carry a zero one, which changes nothing
+        raise ModelFolderError(f"{spec}: the UNet takes a guidance-scale embedding (LCM's time_cond_proj_dim), "
+                               "which is not supported")
+    # fp16 overflows in VAEs that ask to be upcast (SDXL's): those stay float32; bf16 has the range of float32.
+    cast(pipe.vae, device, torch.float32 if dtype == torch.float16 and pipe.vae.config.force_upcast else dtype)
+    for name in ("text_encoder", "text_encoder_2"):
+        if getattr(pipe, name, None) is not None:
+            cast(getattr(pipe, name), device, dtype).requires_grad_(False).eval()
+    encoder = VAEEncoder(pipe.vae)
+    resolution = resolution or int(unet.config.sample_size) * encoder.downscale
+    # The pipeline's own default CFG scale (SD 7.5, SDXL 5.0) unless the folder says otherwise.
+    default_w = inspect.signature(type(pipe).__call__).parameters["guidance_scale"].default
+    meta = {"guidance_scale": float(default_w), **(read_meta(spec) if Path(spec).is_dir() else {})}
+    return ModelBundle(unet, schedule_config, meta, encoder, PipelineText(pipe, resolution), resolution, spec, kind)
+
+
+class PipelineText:
+    """Prompt conditioning exactly as the pipeline's own encode_prompt makes it, cached per prompt on the CPU.
+
+    SD: the CLIP text encoder's last hidden states (B, 77, 768). SDXL: both encoders' penultimate hidden states,
+    concatenated (B, 77, 2048), and in Cond.extra the pooled text_embeds of encoder 2 (B, 1280) and time_ids
+    (original size, crop top-left (0, 0), target size) (B, 6) for a size x size image, as SDXL's pipeline builds them.
+
+    New prompts are encoded in chunks of exactly CHUNK (padded with ""): with fixed shapes a prompt's embedding does
+    not depend on its batch-mates, so a resumed run sees the same conditioning. The cache keeps the most recently
+    used max_prompts in the text encoders' dtype (an SDXL prompt is 77 x 2048 values: 315 kB in bf16).
+    """
+
+    CHUNK = 32
+
+    def __init__(self, pipe, size: int, max_prompts: int = 20_000):
+        self.pipe, self.size, self.max_prompts = pipe, size, max_prompts
+        self.sdxl = getattr(pipe, "text_encoder_2", None) is not None
+        self._cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor | None]] = OrderedDict()
+        self._null: Cond | None = None
+
+    @torch.no_grad()
+    def _encode(self, prompts: list[str], null: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(hidden (B, L, D), pooled (B, P) or None); with null, the pipeline's CFG negative for no negative prompt."""
+        out = self.pipe.encode_prompt(prompts, device=self.pipe.device, num_images_per_prompt=1,
+                                      do_classifier_free_guidance=null)
+        if self.sdxl:  # (embeds, negative embeds, pooled, negative pooled)
+            hidden, pooled = (out[1], out[3]) if null else (out[0], out[2])
+            return hidden.cpu(), pooled.cpu()
+        return (out[1] if null else out[0]).cpu(), None
+
+    def _cond(self, hidden: torch.Tensor, pooled: torch.Tensor | None) -> Cond:
+        hidden, pooled = hidden.float(), None if pooled is None else pooled.float()
+        if pooled is None:
+            return Cond(hidden)  # no mask: SD pipelines pass none to the UNet
+        s = float(self.size)
+        time_ids = torch.tensor([[s, s, 0.0, 0.0, s, s]]).repeat(len(hidden), 1)
+        return Cond(hidden, None, {"text_embeds": pooled, "time_ids": time_ids})
+
+    def __call__(self, prompts: list[str]) -> Cond:
+        new = sorted({p for p in prompts if p not in self._cache})
+        for i in range(0, len(new), self.CHUNK):
+            chunk = new[i:i + self.CHUNK]
+            hidden, pooled = self._encode(chunk + [""] * (self.CHUNK - len(chunk)))
+            for j, p in enumerate(chunk):
+                self._cache[p] = (hidden[j].clone(), None if pooled is None else pooled[j].clone())
+        entries = []
+        for p in prompts:
+            self._cache.move_to_end(p)
+            entries.append(self._cache[p])
+        while len(self._cache) > max(self.max_prompts, len(prompts)):
+            self._cache.popitem(last=False)
+        hidden = torch.stack([h for h, _ in entries])
+        pooled = None if not self.sdxl else torch.stack([q for _, q in entries])
+        return self._cond(hidden, pooled)
+
+    def null_cond(self) -> Cond:
+        """The pipeline's CFG negative: the empty prompt's states (zeros under SDXL's force_zeros_for_empty_prompt)."""
+        if self._null is None:
+            self._null = self._cond(*self._encode([""], null=True))
+        return self._null
+
+
+# ------------------------------------------------------------------------------------------------------- export
+
+def export_student(run: Path, bundle: ModelBundle, student, timesteps, scheduler, meta: dict) -> Path:
+    """run/student: the EMA student as our model folder, or as a full diffusers pipeline for a pipeline teacher, with
+    the method's sampler as its scheduler (FlashScheduler with the trained timesteps fixed, for flash). A LoRA
+    student of a pipeline teacher also gets run/student_lora: its weights for the teacher pipeline."""
+    meta = {"noise_correction": False, **meta, "timesteps": list(timesteps)}
+    if student.lora_config is not None:
+        lora_state = student.ema.lora_state_dict()
+        unet = _merged(bundle, student.lora_config, lora_state)
+        if bundle.pipeline:
+            save_lora(run / "student_lora", bundle, student.lora_config, lora_state, scheduler, meta)
+    else:
+        unet = student.ema
+    if bundle.pipeline:
+        save_student_pipeline(run / "student", bundle, unet, scheduler, meta)
+    else:
+        save_student(run / "student", unet, bundle.schedule_config, timesteps, scheduler, meta)
+    return run / "student"
+
+
+def _merged(bundle: ModelBundle, lora_config, lora_state):
+    from .student import merge_lora
+    return merge_lora(bundle.fresh_unet(), lora_config, lora_state)
+
+
+def with_guidance_input(unet):
+    """A float32 CPU copy of the UNet plus a guidance-scale input (LCM's time_cond_proj_dim) whose projection is zero.
+
+    Its outputs do not change, bit for bit. But SD/SDXL pipelines run no classifier-free guidance for a UNet with this
+    input, so `pipe(prompt)` at the default guidance_scale samples the student as trained (its CFG is distilled in).
+    """
+    from diffusers import UNet2DConditionModel
+
+    config = {k: v for k, v in unet.config.items() if not k.startswith("_")}
+    had = config.get("time_cond_proj_dim") is not None  # a student of an exported student: keep its zero input
+    out = UNet2DConditionModel.from_config({**config, "time_cond_proj_dim": config.get("time_cond_proj_dim")
+                                            or GUIDANCE_EMBED_DIM})
+    missing, unexpected = out.load_state_dict(unet.state_dict(), strict=False)
+    if missing != ([] if had else ["time_embedding.cond_proj.weight"]) or unexpected:
+        raise RuntimeError(f"unexpected UNet layout: missing {missing}, unexpected {unexpected}")
+    torch.nn.init.zeros_(out.time_embedding.cond_proj.weight)
+    return out
+
+
+def save_student_pipeline(out: Path, bundle: ModelBundle, unet, sched, meta: dict) -> None:
+    """The teacher pipeline's components (re-read in float32), the student UNet and FlashScheduler with the trained
+    timesteps fixed. Loads with DiffusionPipeline.from_pretrained(out) once `import imagine_flash` has run."""
+    from diffusers import DiffusionPipeline
+
+    unet = with_guidance_input(getattr(unet, "module", unet))  # a CPU copy: no second student on the GPU
+    pipe = DiffusionPipeline.from_pretrained(bundle.source, unet=unet, scheduler=sched, use_safetensors=True)
+    for m in pipe.components.values():  # the teacher's components as stored may be fp16: export float32 throughout
+        if isinstance(m, torch.nn.Module):
+            cast(m, dtype=torch.float32)
+    tmp = _fresh_tmp(out)
+    # model_index.json names the scheduler ["imagine_flash.scheduler", "FlashScheduler"]: diffusers resolves it from
+    # sys.modules (it never imports a module a folder names) and finds its loader base class in that module's
+    # namespace, so FlashScheduler must stay in imagine_flash/scheduler.py for saved pipelines to keep loading.
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+    _replace_dir(tmp, out)
+
+
+def save_lora(out: Path, bundle: ModelBundle, lora_config, lora_state: dict, scheduler, meta: dict) -> None:
+    """pytorch_lora_weights.safetensors (diffusers format, with its rank/alpha metadata) for pipe.load_lora_weights,
+    and the FlashScheduler to sample it with in scheduler/."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    cls = StableDiffusionXLPipeline if bundle.pipeline == "StableDiffusionXLPipeline" else StableDiffusionPipeline
+    tmp = _fresh_tmp(out)
+    cls.save_lora_weights(tmp, unet_lora_layers=convert_state_dict_to_diffusers(lora_state), safe_serialization=True,
+                          unet_lora_adapter_metadata=lora_config.to_dict())
+    scheduler.save_pretrained(tmp / "scheduler")
+    (tmp / META_FILE).write_text(json.dumps({**meta, "kind": "imagine-flash student LoRA", "base": bundle.source},
+                                            indent=2))
+    _replace_dir(tmp, out)
+
+
+def _fresh_tmp(out: Path) -> Path:
+    import shutil
+
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    return tmp
