@@ -246,3 +246,15 @@ def test_projected_discriminator_missing_backbone_is_one_line(tmp_path, tiny_tea
                "--set", "batch_size=2", "--set", "k=1"])
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("imagine-flash")]
     assert rc == 2 and len(err) == 1 and "no/such-dino" in err[0]
+
+
+@needs_data
+def test_bf16_mixed_precision_runs_on_cpu(tmp_path, tiny_teacher, small_data):
+    """--set mixed_precision=bf16: autocast through accelerate; the student stays float32 and finite."""
+    from imagine_flash.train import distill
+
+    distill(_cfg(tmp_path / "bf16", tiny_teacher, max_steps=2, mixed_precision="bf16"), dataset=small_data)
+    student = load_file(tmp_path / "bf16" / "ckpt" / "student.safetensors")
+    init = load_file(tmp_path / "bf16" / "ckpt" / "ema.safetensors")
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in student.values())
+    assert any(not torch.equal(student[k], init[k]) for k in student)

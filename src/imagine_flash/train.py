@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -174,7 +175,10 @@ def distill(cfg: DistillConfig, resume: bool = False, teacher_bundle=None, datas
     resolve_variant(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    acc = Accelerator(mixed_precision=cfg.mixed_precision)  # gradient accumulation is done by hand below
+    # On a machine without CUDA, a multi-process launch (accelerate launch --multi_gpu, torchrun) runs on CPU
+    # with gloo; accelerate would otherwise fall back to independent single processes.
+    cpu_ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cpu_ddp)  # gradient accumulation is by hand below
     world, accum = acc.num_processes, max(1, cfg.grad_accum)
     if cfg.batch_size % (world * accum):
         raise ConfigError(f"batch_size={cfg.batch_size} must be divisible by processes x grad_accum = {world * accum}")

@@ -102,4 +102,4 @@ class ProgressiveLoss:
     def export_scheduler(self, schedule_config: dict, timesteps):
         from ..models import student_scheduler
 
-        return student_scheduler(schedule_config, timesteps, self.noise_correction)
+        return student_scheduler(schedule_config, timesteps, False)
