@@ -251,9 +251,15 @@ def test_projected_discriminator_missing_backbone_is_one_line(tmp_path, tiny_tea
 @needs_data
 def test_bf16_mixed_precision_runs_on_cpu(tmp_path, tiny_teacher, small_data):
     """--set mixed_precision=bf16: autocast through accelerate; the student stays float32 and finite."""
+    from accelerate.state import AcceleratorState
+
     from imagine_flash.train import distill
 
-    distill(_cfg(tmp_path / "bf16", tiny_teacher, max_steps=2, mixed_precision="bf16"), dataset=small_data)
+    AcceleratorState._reset_state()  # earlier tests in this process set up accelerate without mixed precision
+    try:
+        distill(_cfg(tmp_path / "bf16", tiny_teacher, max_steps=2, mixed_precision="bf16"), dataset=small_data)
+    finally:
+        AcceleratorState._reset_state()
     student = load_file(tmp_path / "bf16" / "ckpt" / "student.safetensors")
     init = load_file(tmp_path / "bf16" / "ckpt" / "ema.safetensors")
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in student.values())
