@@ -56,7 +56,7 @@ def build_method(cfg: DistillConfig, schedule: Schedule, timesteps: list[int], t
     """The loss of cfg.method, built from the config. Every method is a loss of the same loop, with:
 
     __call__(models, x0_real, cond, gen) -> {'recon': (B,) per-sample loss, 'x0_student': x0_hat with grad};
-    `sampler`, `needs_data`, export_scheduler(schedule_config, timesteps); optionally nets() (extra state for the
+    `sampler`, export_scheduler(schedule_config, timesteps); optionally nets() (extra state for the
     checkpoint) and begin_step(step, models).
     """
     if cfg.method == "flash":
@@ -242,6 +242,7 @@ def distill(cfg: DistillConfig, resume: bool = False, teacher_bundle=None, datas
         st.teacher_net, schedule, guidance_scale=cfg.guidance_scale, null_cond=null),
         rollout=Denoiser(ema if cfg.rollout_weights == "ema" else student, schedule), ema=Denoiser(ema, schedule),
         schedule=schedule, disc=disc)
+    student_scheduler = method.export_scheduler(sched_cfg, timesteps)  # the student's own sampler
     grid_prompts = _grid_prompts(dataset)
     grid_seeds = list(range(len(grid_prompts)))  # one seed per prompt (a small dataset has fewer than 8)
     log_f = open(run / "log.csv", "a", newline="") if acc.is_main_process else None
@@ -319,13 +320,13 @@ def distill(cfg: DistillConfig, resume: bool = False, teacher_bundle=None, datas
                                 {"seconds": time.time() - t0})
         if acc.is_main_process and (step % cfg.sample_every == 0 or step == cfg.max_steps):
             _sample_grid(run / "samples" / f"step{step:06d}.png", models, ema, text, grid_prompts, grid_seeds,
-                         timesteps, method.export_scheduler(sched_cfg, timesteps), encoder, sched_cfg,
+                         timesteps, student_scheduler, encoder, sched_cfg,
                          resolution // encoder.downscale,
                          teacher_unet.config.in_channels)
     bar.close()
     minutes = (time.time() - t0) / 60
     if acc.is_main_process:
-        export_student(run, bundle, st, timesteps, method.export_scheduler(sched_cfg, timesteps),
+        export_student(run, bundle, st, timesteps, student_scheduler,
                        {**meta, "kind": "imagine-flash student", "method": cfg.method, "variant": cfg.variant,
                         "sampler": method.sampler, "noise_correction": method.sampler == "flash" and cfg.noise_correction,
                         "teacher_guidance_scale": cfg.guidance_scale, "train_steps": step, "lora_rank": cfg.lora_rank,

@@ -26,7 +26,6 @@ class ADDLoss:
     """ADD's student loss without its adversarial part: the score-distillation term on forward-noised inputs."""
 
     sampler = "lcm"
-    needs_data = True
 
     def __init__(self, schedule: Schedule, timesteps: Sequence[int]):
         self.schedule, self.timesteps = schedule, list(timesteps)

@@ -89,11 +89,6 @@ class FlashLoss:
                                   self.noise_correction, x0_real.device)
         return forward_input(x0_real, self.timesteps, self.schedule, gen)
 
-    @property
-    def needs_data(self) -> bool:
-        """Backward distillation and SRL need no images; the no-backward ablation noises real data."""
-        return not self.backward
-
     def __call__(self, models, x0_real: torch.Tensor, cond: Cond, gen) -> dict[str, torch.Tensor]:
         """Returns {'recon': (B,), 'x0_student': (B, C, H, W) with grad}. `models`: train.Models (denoisers only)."""
         student, teacher = models.student, models.teacher

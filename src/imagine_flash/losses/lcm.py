@@ -39,7 +39,6 @@ class LCMLoss:
     """Latent consistency distillation with a skipping-step DDIM teacher solver with CFG and an EMA target network."""
 
     sampler = "lcm"
-    needs_data = True
 
     def __init__(self, schedule: Schedule, num_ddim_timesteps: int = 50, loss: str = "l2", huber_c: float = 0.001):
         if loss not in ("l2", "huber"):

@@ -49,7 +49,6 @@ class ProgressiveLoss:
     """Progressive step halving down to `len(timesteps)` steps in `stages` stages over `max_steps` updates."""
 
     sampler = "ddim"
-    needs_data = True
 
     def __init__(self, schedule: Schedule, timesteps, stages: int, max_steps: int, teacher_net: nn.Module):
         n = len(timesteps)
