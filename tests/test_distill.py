@@ -136,7 +136,7 @@ def test_failed_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
 
     net, opt = torch.nn.Linear(2, 2), None
     opt = torch.optim.Adam(net.parameters())
-    train.save_checkpoint(tmp_path, 1, {"student": net}, {"g": opt}, {})
+    train.save_checkpoint(tmp_path, 1, {"student": net}, {"g": (net, opt)}, {})
     before = {k: v.clone() for k, v in net.state_dict().items()}
     with torch.no_grad():
         net.weight.add_(1.0)
@@ -149,10 +149,10 @@ def test_failed_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
 
     monkeypatch.setattr(safetensors.torch, "save_file", dying_save)
     with pytest.raises(OSError):
-        train.save_checkpoint(tmp_path, 2, {"student": net}, {"g": opt}, {})
+        train.save_checkpoint(tmp_path, 2, {"student": net}, {"g": (net, opt)}, {})
     monkeypatch.setattr(safetensors.torch, "save_file", real)
     fresh = torch.nn.Linear(2, 2)
-    step = train.load_checkpoint(tmp_path, {"student": fresh}, {"g": torch.optim.Adam(fresh.parameters())})
+    step = train.load_checkpoint(tmp_path, {"student": fresh}, {"g": (fresh, torch.optim.Adam(fresh.parameters()))})
     assert step == 1 and calls["n"] == 1
     assert all(torch.equal(fresh.state_dict()[k], before[k]) for k in before)
 

@@ -60,3 +60,102 @@ def test_two_processes_equal_one(tmp_path, tiny_teacher):
     ck = load_file(tmp_path / "two" / "ckpt" / "student.safetensors")
     for k in one:
         assert torch.equal(ck[k], r0[k])
+
+
+FSDP_WORKER = r'''
+import copy, sys
+import torch, torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from imagine_flash import train
+from imagine_flash.dist import all_finite, full_tensor, is_sharded
+
+dist.init_process_group("gloo")
+rank, run = dist.get_rank(), __import__("pathlib").Path(sys.argv[1])
+torch.manual_seed(0)
+def make():
+    return torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.Tanh(), torch.nn.Linear(10, 3))
+def shard(m):
+    fully_shard(m[0]); fully_shard(m[2]); fully_shard(m)
+    return m
+x = torch.randn(8, 6, generator=torch.Generator().manual_seed(1))  # the same batch on both ranks
+def step(model, opt):
+    model(x).square().mean().backward(); opt.step(); opt.zero_grad()
+def full(m):
+    return [full_tensor(p.detach()) for p in m.parameters()]
+def close(a, b):
+    for u, v in zip(a, b, strict=True):
+        torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-6)
+
+ref = make()
+sh = shard(copy.deepcopy(ref))
+assert is_sharded(sh) and not is_sharded(ref)
+assert all(p.to_local().numel() < p.numel() for p in sh.parameters() if p.ndim == 2)  # each rank holds a shard
+ema_ref, ema_sh = copy.deepcopy(ref).requires_grad_(False), copy.deepcopy(ref).requires_grad_(False)
+opt_ref, opt_sh = torch.optim.Adam(ref.parameters(), 1e-2), torch.optim.Adam(sh.parameters(), 1e-2)
+for _ in range(3):
+    step(ref, opt_ref); step(sh, opt_sh)
+    train.ema_update(ema_ref, ref, 0.9); train.ema_update(ema_sh, sh, 0.9)
+close(full(sh), full(ref))
+close(list(ema_sh.parameters()), list(ema_ref.parameters()))  # the EMA of gathered shards = the unsharded EMA
+assert bool(all_finite(sh))
+
+# Checkpoint from the sharded run: every rank gathers, rank 0 writes whole tensors.
+train.save_checkpoint(run, 3, {"student": sh, "ema": ema_sh}, {"g": (sh, opt_sh)}, {}, write=rank == 0)
+dist.barrier()
+from safetensors.torch import load_file
+saved = load_file(run / "ckpt" / "student.safetensors")
+close([saved[k] for k in ref.state_dict()], list(ref.state_dict().values()))
+
+# Resume into a fresh sharded model (weights before sharding, optimiser after) and into a plain one: one more step
+# of each equals one more step of the uninterrupted reference.
+fresh_sh, fresh_plain = make(), make()
+train.load_checkpoint(run, {"student": fresh_sh}, {})
+shard(fresh_sh)
+o_sh = torch.optim.Adam(fresh_sh.parameters(), 1e-2)
+assert train.load_checkpoint(run, {}, {"g": (fresh_sh, o_sh)}) == 3
+o_plain = torch.optim.Adam(fresh_plain.parameters(), 1e-2)
+train.load_checkpoint(run, {"student": fresh_plain}, {"g": (fresh_plain, o_plain)})
+step(ref, opt_ref); step(fresh_sh, o_sh); step(fresh_plain, o_plain)
+close(full(fresh_sh), full(ref))
+close(full(fresh_plain), full(ref))
+dist.destroy_process_group()
+print("ok", rank)
+'''
+
+
+def test_fsdp2_shards_gather_for_ema_and_checkpoints(tmp_path):
+    """FSDP2 (fully_shard) on 2 CPU processes: the EMA and the checkpoint see whole parameters, and a checkpoint
+    resumes into a sharded or an unsharded model, continuing exactly as an uninterrupted run."""
+    (tmp_path / "worker.py").write_text(FSDP_WORKER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        "29531", str(tmp_path / "worker.py"), str(tmp_path / "run")], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "ok 0" in r.stdout and "ok 1" in r.stdout
+
+
+@pytest.mark.parametrize("kind,fsdp2,lora,message", [
+    ("DEEPSPEED", False, 0, "DeepSpeed is not supported"),
+    ("FSDP", False, 0, "FSDP1 is not supported"),
+    ("FSDP", True, 4, "LoRA student"),
+    ("FSDP", True, 0, None),
+    ("MULTI_GPU", False, 4, None),
+])
+def test_backend_check(kind, fsdp2, lora, message):
+    """DDP and FSDP2 run; DeepSpeed, FSDP1 and FSDP with a LoRA student stop with one line."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from imagine_flash.config import ConfigError, DistillConfig
+    from imagine_flash.train import _check_backend
+
+    acc = SimpleNamespace(distributed_type=DistributedType[kind], is_fsdp2=fsdp2)
+    cfg = DistillConfig(lora_rank=lora)
+    if message is None:
+        _check_backend(acc, cfg)
+    else:
+        with pytest.raises(ConfigError, match=message) as e:
+            _check_backend(acc, cfg)
+        assert "\n" not in str(e.value)

@@ -51,7 +51,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> Path:
     ema = copy.deepcopy(unet).requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     step = 0
-    nets, opts = {"unet": unet, "ema": ema}, {"opt": opt}
+    nets, opts = {"unet": unet, "ema": ema}, {"opt": (unet, opt)}
     if resume and (run / "ckpt" / "state.pt").is_file():
         step = load_checkpoint(run, nets, opts)
     meta = {"kind": "imagine-flash teacher", "text_encoder": "all-MiniLM-L6-v2 (per-token, 16 tokens)",

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from .config import METHODS, ConfigError, DistillConfig, resolve_variant, save_config
 from .denoisers import Denoiser
+from .dist import all_finite, full_state_dict, load_optimizer_state, optimizer_state, trainable_full
 from .encoders import PixelEncoder
 from .rng import Shard
 from .schedule import STUDENT_TIMESTEPS, Schedule, make_schedule, trailing_timesteps
@@ -125,39 +126,52 @@ def discriminator_step(adv, disc, x0_real, x0_fake, cond, gen):
 
 @torch.no_grad()
 def ema_update(ema: torch.nn.Module, net: torch.nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * net, over net's trainable parameters (all, or a LoRA student's adapters)."""
-    for pe, p in zip(ema.parameters(), [p for p in net.parameters() if p.requires_grad], strict=True):
-        pe.lerp_(p.detach(), 1 - decay)
+    """ema <- decay * ema + (1 - decay) * net, over net's trainable parameters (all, or a LoRA student's adapters).
+
+    The EMA is a whole copy on every process; an FSDP-sharded net's parameters are gathered (a collective)."""
+    for pe, p in zip(ema.parameters(), trainable_full(net), strict=True):
+        pe.lerp_(p, 1 - decay)
 
 
-def save_checkpoint(run: Path, step: int, nets: dict, opts: dict, extra: dict) -> None:
-    """Write ckpt.tmp fully, then swap it in: a killed or failed write never breaks the previous 'ckpt'."""
+def save_checkpoint(run: Path, step: int, nets: dict, opts: dict, extra: dict, write: bool = True) -> None:
+    """Gather the state of `nets` (name -> module) and `opts` (name -> (model, optimizer)) on every process (sharded
+    state is all-gathered), and on the writing process write ckpt.tmp fully, then swap it in: a killed or failed
+    write never breaks the previous 'ckpt'."""
     from safetensors.torch import save_file
 
     from .models import _replace_dir
 
+    weights = {name: full_state_dict(net) for name, net in nets.items()}
+    opt_states = {k: optimizer_state(model, o) for k, (model, o) in opts.items()}
+    if not write:
+        return
     tmp = run / "ckpt.tmp"
     if tmp.exists():
         import shutil
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    for name, net in nets.items():
-        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, tmp / f"{name}.safetensors")
-    torch.save({"opts": {k: o.state_dict() for k, o in opts.items()}, "step": step,
-                "torch_rng": torch.get_rng_state(), **extra}, tmp / "state.pt")
+    for name, state in weights.items():
+        save_file(state, tmp / f"{name}.safetensors")
+    torch.save({"opts": opt_states, "step": step, "torch_rng": torch.get_rng_state(), **extra}, tmp / "state.pt")
     (tmp / "step.json").write_text(json.dumps({"step": step, **{k: v for k, v in extra.items() if k == "seconds"}}))
     _replace_dir(tmp, run / "ckpt")
 
 
 def load_checkpoint(run: Path, nets: dict, opts: dict) -> int:
+    """Load run/ckpt into `nets` and `opts` (as in save_checkpoint); returns the step. Load the weights before
+    accelerate.prepare and the optimisers after it (an FSDP optimiser takes its shard of the saved full state)."""
     from safetensors.torch import load_file
 
     ck = run / "ckpt"
     for name, net in nets.items():
         net.load_state_dict(load_file(ck / f"{name}.safetensors"))
     st = torch.load(ck / "state.pt", weights_only=True)  # our own file; weights_only never runs code
-    for k, o in opts.items():
-        o.load_state_dict(st["opts"][k])
+    for k, (model, o) in opts.items():
+        state = st["opts"][k]
+        if any(isinstance(key, int) for key in state.get("state", {})):
+            raise ConfigError(f"{ck}: checkpoint from an older imagine-flash (optimiser state by index); "
+                              "start a new run folder")
+        load_optimizer_state(model, o, state)
     torch.set_rng_state(st["torch_rng"])
     return int(st["step"])
 
@@ -180,6 +194,7 @@ def distill(cfg: DistillConfig, resume: bool = False, teacher_bundle=None, datas
     cpu_ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cpu_ddp)  # gradient accumulation is by hand below
     world, accum = acc.num_processes, max(1, cfg.grad_accum)
+    _check_backend(acc, cfg)
     if cfg.batch_size % (world * accum):
         raise ConfigError(f"batch_size={cfg.batch_size} must be divisible by processes x grad_accum = {world * accum}")
     run = Path(cfg.out)
@@ -228,15 +243,18 @@ def distill(cfg: DistillConfig, resume: bool = False, teacher_bundle=None, datas
     method = build_method(cfg, schedule, timesteps, teacher_unet)
     method_nets = method.nets() if hasattr(method, "nets") else {}
     nets = {"student": st.state, "ema": ema, **({"disc": disc} if disc else {}), **method_nets}
-    opts = {"g": opt_g, **({"d": opt_d} if opt_d else {})}
     step, seconds_before = 0, 0.0  # training seconds of earlier invocations (resume): train.json is cumulative
-    if resume and (run / "ckpt" / "state.pt").is_file():
-        step = load_checkpoint(run, nets, opts)
+    resuming = resume and (run / "ckpt" / "state.pt").is_file()
+    if resuming:  # weights before prepare (FSDP then shards them), optimiser state after it
+        step = load_checkpoint(run, nets, {})
         seconds_before = float(json.loads((run / "ckpt" / "step.json").read_text()).get("seconds", 0.0))
-        acc.print(f"resumed from {run / 'ckpt'} at step {step}")
     student, opt_g = acc.prepare(student, opt_g)
     if disc is not None:
         disc, opt_d = acc.prepare(disc, opt_d)
+    opts = {"g": (acc.unwrap_model(student), opt_g), **({"d": (acc.unwrap_model(disc), opt_d)} if opt_d else {})}
+    if resuming:
+        load_checkpoint(run, {}, opts)
+        acc.print(f"resumed from {run / 'ckpt'} at step {step}")
     ema = ema.to(acc.device)
     models = Models(student=Denoiser(student, schedule), teacher=Denoiser(
         st.teacher_net, schedule, guidance_scale=cfg.guidance_scale, null_cond=null),
@@ -301,7 +319,7 @@ def distill(cfg: DistillConfig, resume: bool = False, teacher_bundle=None, datas
         bar.update(1)
         is_ckpt = step % cfg.ckpt_every == 0 or step == cfg.max_steps
         if step % cfg.log_every == 0 or is_ckpt:
-            if bool(bad):  # checked before any checkpoint, so 'ckpt' only ever holds finite weights
+            if bool(acc.reduce(bad.float(), "sum") > 0):  # all processes stop together; checked before any checkpoint, so 'ckpt' only ever holds finite weights
                 raise NonFiniteLoss(f"loss became NaN/inf before step {step}; the last good checkpoint is kept in "
                                     f"{run / 'ckpt'} (lower --set lr=..., or resume with --resume)")
             last = {k: float(v) for k, v in parts.items()}
@@ -311,13 +329,12 @@ def distill(cfg: DistillConfig, resume: bool = False, teacher_bundle=None, datas
                               f"{time.time() - t0:.1f}"])
                 log_f.flush()
         if is_ckpt:
-            if not all(torch.isfinite(p).all() for p in acc.unwrap_model(student).parameters()):
+            if bool(acc.reduce((~all_finite(acc.unwrap_model(student))).float(), "sum") > 0):
                 raise NonFiniteLoss(f"the student's weights became NaN/inf at step {step}; the last good checkpoint "
                                     f"is kept in {run / 'ckpt'}")
-            acc.wait_for_everyone()
-            if acc.is_main_process:
-                save_checkpoint(run, step, {**nets, **({"disc": acc.unwrap_model(disc)} if disc else {})}, opts,
-                                {"seconds": time.time() - t0})
+            acc.wait_for_everyone()  # every process gathers (FSDP shards), the main one writes
+            save_checkpoint(run, step, {**nets, **({"disc": acc.unwrap_model(disc)} if disc else {})}, opts,
+                            {"seconds": time.time() - t0}, write=acc.is_main_process)
         if acc.is_main_process and (step % cfg.sample_every == 0 or step == cfg.max_steps):
             _sample_grid(run / "samples" / f"step{step:06d}.png", models, ema, text, grid_prompts, grid_seeds,
                          timesteps, student_scheduler, encoder, sched_cfg,
@@ -336,6 +353,20 @@ def distill(cfg: DistillConfig, resume: bool = False, teacher_bundle=None, datas
             log_f.close()
     acc.wait_for_everyone()
     return run / "student"
+
+
+def _check_backend(acc, cfg: DistillConfig) -> None:
+    """DDP and FSDP2 are supported; DeepSpeed and FSDP1 stop with one line saying what to use instead."""
+    from accelerate.utils import DistributedType
+
+    if acc.distributed_type == DistributedType.DEEPSPEED:
+        raise ConfigError("DeepSpeed is not supported: its engine steps the optimiser inside backward, and this loop "
+                          "trains two models with its own accumulation. Use FSDP (fsdp_version: 2) or DDP")
+    if acc.distributed_type == DistributedType.FSDP:
+        if not getattr(acc, "is_fsdp2", False):
+            raise ConfigError("FSDP1 is not supported: set fsdp_version: 2 in the accelerate config file")
+        if cfg.lora_rank:
+            raise ConfigError("a LoRA student shares the teacher's UNet and trains with DDP: drop FSDP, or --lora-rank")
 
 
 def _build_discriminator(cfg: DistillConfig, teacher_unet, text, encoder) -> torch.nn.Module:
