@@ -259,3 +259,25 @@ def test_bf16_mixed_precision_runs_on_cpu(tmp_path, tiny_teacher, small_data):
     init = load_file(tmp_path / "bf16" / "ckpt" / "ema.safetensors")
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in student.values())
     assert any(not torch.equal(student[k], init[k]) for k in student)
+
+
+def test_index_keyed_optimizer_state_still_resumes(tmp_path):
+    """A checkpoint whose optimiser state is keyed by index (earlier versions) loads into the by-name format."""
+    from imagine_flash import train
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    net[0].requires_grad_(False)  # index i is the i-th *trainable* parameter
+    opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=1e-2)
+    net(torch.randn(5, 3)).square().mean().backward()
+    opt.step()
+    train.save_checkpoint(tmp_path, 1, {"student": net}, {}, {})
+    st = torch.load(tmp_path / "ckpt" / "state.pt", weights_only=True)
+    st["opts"] = {"g": opt.state_dict()}  # the old format
+    torch.save(st, tmp_path / "ckpt" / "state.pt")
+    fresh = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    fresh[0].requires_grad_(False)
+    opt2 = torch.optim.Adam([p for p in fresh.parameters() if p.requires_grad], lr=1e-2)
+    assert train.load_checkpoint(tmp_path, {"student": fresh}, {"g": (fresh, opt2)}) == 1
+    for a, b in zip(opt.state_dict()["state"].values(), opt2.state_dict()["state"].values(), strict=True):
+        assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])

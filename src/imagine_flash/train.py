@@ -167,13 +167,19 @@ def load_checkpoint(run: Path, nets: dict, opts: dict) -> int:
         net.load_state_dict(load_file(ck / f"{name}.safetensors"))
     st = torch.load(ck / "state.pt", weights_only=True)  # our own file; weights_only never runs code
     for k, (model, o) in opts.items():
-        state = st["opts"][k]
-        if any(isinstance(key, int) for key in state.get("state", {})):
-            raise ConfigError(f"{ck}: checkpoint from an older imagine-flash (optimiser state by index); "
-                              "start a new run folder")
-        load_optimizer_state(model, o, state)
+        load_optimizer_state(model, o, _by_name(st["opts"][k], model))
     torch.set_rng_state(st["torch_rng"])
     return int(st["step"])
+
+
+def _by_name(state: dict, model: torch.nn.Module) -> dict:
+    """An optimiser state keyed by parameter index (torch's optimizer.state_dict(), as earlier checkpoints of this
+    package hold it) re-keyed by parameter name. Index i is the model's i-th trainable parameter: how the loop builds optimisers."""
+    if not any(isinstance(i, int) for g in state.get("param_groups", []) for i in g["params"]):
+        return state
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    return {"state": {names[i]: v for i, v in state["state"].items()},
+            "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
 
 
 # ----------------------------------------------------------------------------------------------------------- loop
