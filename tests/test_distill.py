@@ -27,14 +27,23 @@ def _cfg(out, teacher, **kw):
 
 
 @needs_data
-def test_resume_equals_uninterrupted_run(tmp_path, tiny_teacher, small_data):
+@pytest.mark.parametrize("optimizer", ["adam", "adam8bit"])
+def test_resume_equals_uninterrupted_run(tmp_path, tiny_teacher, small_data, optimizer):
     from imagine_flash.train import distill
 
-    distill(_cfg(tmp_path / "a", tiny_teacher), dataset=small_data)
+    if optimizer == "adam8bit":
+        pytest.importorskip("bitsandbytes")
+    distill(_cfg(tmp_path / "a", tiny_teacher, optimizer=optimizer), dataset=small_data)
     # Interrupted after 2 steps (the checkpoint at step 2), then resumed to 4.
-    distill(_cfg(tmp_path / "b", tiny_teacher, max_steps=2), dataset=small_data)
-    distill(_cfg(tmp_path / "b", tiny_teacher), resume=True, dataset=small_data)
+    distill(_cfg(tmp_path / "b", tiny_teacher, max_steps=2, optimizer=optimizer), dataset=small_data)
+    distill(_cfg(tmp_path / "b", tiny_teacher, optimizer=optimizer), resume=True, dataset=small_data)
     assert_same_checkpoints(tmp_path / "a", tmp_path / "b")
+    st = torch.load(tmp_path / "a" / "ckpt" / "state.pt", weights_only=True)["opts"]["g"]["state"]
+    if optimizer == "adam8bit":  # bitsandbytes keeps 8-bit moments for tensors of >= 4096 entries
+        quant = [v["__bnb_optimizer_quant_state__"] for v in st.values()]
+        assert any(q["state1"].dtype == torch.uint8 for q in quant)
+    else:
+        assert all("exp_avg" in v for v in st.values())
     # And training changed the student away from the teacher.
     t = load_file(next((tiny_teacher / "unet").glob("*.safetensors")))
     s = load_file(tmp_path / "a" / "ckpt" / "student.safetensors")

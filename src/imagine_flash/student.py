@@ -160,6 +160,6 @@ def optimizer_class(kind: str):
         try:
             import bitsandbytes as bnb
         except ImportError:
-            raise ConfigError("optimizer=adam8bit needs bitsandbytes: pip install bitsandbytes") from None
+            raise ConfigError("optimizer=adam8bit needs bitsandbytes: pip install 'imagine-flash[adam8bit]'") from None
         return bnb.optim.Adam8bit
     raise ConfigError(f"optimizer={kind!r}: use adam or adam8bit")
