@@ -292,3 +292,34 @@ def test_adam8bit_without_bitsandbytes_is_a_one_line_error(monkeypatch):
     with pytest.raises(ConfigError, match="bitsandbytes") as e:
         optimizer_class("adam8bit")
     assert "\n" not in str(e.value)
+
+
+def test_hub_id_teacher_from_the_hub_cache(tmp_path, sd_teacher):
+    """`--teacher org/name` resolves a hub id through huggingface_hub (here from a pre-filled cache, offline), distils,
+    and exports a pipeline re-read from the same id. Only the download itself is not exercised (no hub access)."""
+    import os
+    import subprocess
+    import sys
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--tiny-org--tiny-sd"
+    shutil.copytree(sd_teacher, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    args = ["distill", "--teacher", "tiny-org/tiny-sd", "--dataset", str(tmp_path / "prompts.txt"), "--out",
+            str(tmp_path / "run"), "--max-steps", "1", "--eval-samples", "0", "--set", "batch_size=2", "--set", "k=2",
+            "--set", "adv_weight=0", "--set", "sample_every=100"]
+    r = subprocess.run([sys.executable, "-m", "imagine_flash", *args], env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    pipe = _load(tmp_path / "run" / "student")
+    assert isinstance(pipe.scheduler, FlashScheduler) and pipe.scheduler.config.timesteps == [999, 750, 500]
+    # An id that is in neither the cache nor reachable: one line naming it.
+    r = subprocess.run([sys.executable, "-m", "imagine_flash", *args[:2], "tiny-org/missing", *args[3:]], env=env,
+                       capture_output=True, text=True, timeout=600)
+    ours = [line for line in r.stderr.splitlines() if line.startswith("imagine-flash distill: error:")]
+    assert r.returncode == 2 and len(ours) == 1, r.stderr  # (huggingface_hub may add its own deprecation warning)
+    assert "tiny-org/missing" in ours[0] and "HF_HUB_OFFLINE" in ours[0]
+    assert "bitsandbytes" not in r.stderr and "gemm_4bit" not in r.stderr

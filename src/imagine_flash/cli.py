@@ -228,6 +228,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 
+def _quiet_third_party() -> None:
+    """Silence import-time notices of optional packages that say nothing about the user's run: bitsandbytes (which
+    peft and diffusers import when it is installed) logs a missing CPU kernel package on every import."""
+    import logging
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
     from .data.fashion import DataMissingError
@@ -235,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     from .train import NonFiniteLoss
 
     args = build_parser().parse_args(argv)
+    _quiet_third_party()
     from .eval.extras import ExtraUnavailable
 
     user_errors = (ConfigError, DataMissingError, ModelFolderError, FileNotFoundError, NotADirectoryError,
