@@ -290,3 +290,16 @@ def test_index_keyed_optimizer_state_still_resumes(tmp_path):
     assert train.load_checkpoint(tmp_path, {"student": fresh}, {"g": (fresh, opt2)}) == 1
     for a, b in zip(opt.state_dict()["state"].values(), opt2.state_dict()["state"].values(), strict=True):
         assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
+
+
+def test_shipped_config_presets_resolve(capsys):
+    """Every YAML preset in configs/ (not accelerate's own files) is a valid distill config."""
+    from pathlib import Path
+
+    from imagine_flash.cli import main
+
+    presets = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+    assert presets
+    for p in presets:
+        assert main(["distill", "--config", str(p), "--dry-run"]) == 0, p
+    assert '"student_timesteps": [\n    999,\n    666,\n    333\n  ]' in capsys.readouterr().out
