@@ -174,7 +174,8 @@ def load_checkpoint(run: Path, nets: dict, opts: dict) -> int:
 
 def _by_name(state: dict, model: torch.nn.Module) -> dict:
     """An optimiser state keyed by parameter index (torch's optimizer.state_dict(), as earlier checkpoints of this
-    package hold it) re-keyed by parameter name. Index i is the model's i-th trainable parameter: how the loop builds optimisers."""
+    package hold it) re-keyed by parameter name. Index i is the model's i-th trainable parameter, which is how the
+    loop builds its optimisers."""
     if not any(isinstance(i, int) for g in state.get("param_groups", []) for i in g["params"]):
         return state
     names = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -325,7 +326,8 @@ def distill(cfg: DistillConfig, resume: bool = False, teacher_bundle=None, datas
         bar.update(1)
         is_ckpt = step % cfg.ckpt_every == 0 or step == cfg.max_steps
         if step % cfg.log_every == 0 or is_ckpt:
-            if bool(acc.reduce(bad.float(), "sum") > 0):  # all processes stop together; checked before any checkpoint, so 'ckpt' only ever holds finite weights
+            # Checked before any checkpoint, so 'ckpt' only ever holds finite weights; all processes stop together.
+            if bool(acc.reduce(bad.float(), "sum") > 0):
                 raise NonFiniteLoss(f"loss became NaN/inf before step {step}; the last good checkpoint is kept in "
                                     f"{run / 'ckpt'} (lower --set lr=..., or resume with --resume)")
             last = {k: float(v) for k, v in parts.items()}
