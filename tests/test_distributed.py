@@ -67,7 +67,8 @@ import copy, sys
 import torch, torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 from imagine_flash import train
-from imagine_flash.dist import all_finite, full_tensor, is_sharded
+from torch.distributed.tensor import DTensor
+from imagine_flash.dist import all_finite, full_tensor
 
 dist.init_process_group("gloo")
 rank, run = dist.get_rank(), __import__("pathlib").Path(sys.argv[1])
@@ -88,7 +89,7 @@ def close(a, b):
 
 ref = make()
 sh = shard(copy.deepcopy(ref))
-assert is_sharded(sh) and not is_sharded(ref)
+assert all(isinstance(p, DTensor) for p in sh.parameters()) and not any(isinstance(p, DTensor) for p in ref.parameters())
 assert all(p.to_local().numel() < p.numel() for p in sh.parameters() if p.ndim == 2)  # each rank holds a shard
 ema_ref, ema_sh = copy.deepcopy(ref).requires_grad_(False), copy.deepcopy(ref).requires_grad_(False)
 opt_ref, opt_sh = torch.optim.Adam(ref.parameters(), 1e-2), torch.optim.Adam(sh.parameters(), 1e-2)

@@ -5,21 +5,19 @@ Every function that gathers is a collective: call it on every process, in the sa
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
+@functools.cache
 def _dtensor_type():
+    """torch's DTensor class, looked up once (lazily: importing it costs start-up time), or None without it."""
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # a torch without DTensor cannot shard with FSDP2 either
         return None
     return DTensor
-
-
-def is_sharded(module: torch.nn.Module) -> bool:
-    """True when the module's parameters are FSDP2 shards (DTensor)."""
-    dt = _dtensor_type()
-    return dt is not None and any(isinstance(p, dt) for p in module.parameters())
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -40,7 +38,7 @@ def trainable_full(net: torch.nn.Module) -> list[torch.Tensor]:
 
 
 def full_state_dict(module) -> dict[str, torch.Tensor]:
-    """state_dict() with every sharded tensor gathered, on the CPU-ready side of a checkpoint write."""
+    """state_dict() with every sharded tensor gathered into a whole, contiguous tensor (what a checkpoint writes)."""
     return {k: full_tensor(v).detach().contiguous() for k, v in module.state_dict().items()}
 
 
