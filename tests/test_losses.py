@@ -131,6 +131,33 @@ def test_srl_value_by_hand():
     torch.testing.assert_close(out["recon"].double(), exp, rtol=1e-4, atol=1e-6)
 
 
+def test_recon_step_weights_scale_each_sample_by_its_step():
+    """recon_step_weights: each sample's loss is multiplied by the weight of the step index it drew."""
+    B, w = 64, (0.25, 1.0, 3.0)
+    args = lambda: (Denoiser(lambda x, t, c: 0.5 * x, S), Denoiser(lambda x, t, c: 0.5 * x, S),  # noqa: E731
+                    Denoiser(lambda x, t, c: 0.2 * x, S), torch.zeros(B, 3, 2, 2), cond_of(B))
+    plain = call(FlashLoss(S, [999, 750, 500], k=2), *args(), torch.Generator().manual_seed(7))["recon"]
+    weighted = call(FlashLoss(S, [999, 750, 500], k=2, step_weights=w), *args(),
+                    torch.Generator().manual_seed(7))["recon"]
+    g = torch.Generator().manual_seed(7)
+    torch.randn((B, 3, 2, 2), generator=g)
+    i = torch.randint(0, 3, (B,), generator=g)  # the step each sample drew, as backward_input draws it
+    assert set(i.tolist()) == {0, 1, 2}
+    torch.testing.assert_close(weighted, plain * torch.tensor(w)[i])
+
+
+def test_recon_step_weights_must_match_the_steps():
+    import pytest
+
+    from imagine_flash.config import ConfigError, DistillConfig
+    from imagine_flash.train import build_method
+
+    with pytest.raises(ConfigError, match="recon_step_weights"):
+        build_method(DistillConfig(recon_step_weights=(1.0, 2.0)), S, [999, 750, 500])
+    with pytest.raises(ConfigError, match="recon_step_weights"):
+        build_method(DistillConfig(method="lcm", recon_step_weights=(1.0,)), S, [999])
+
+
 def test_no_srl_has_no_reconstruction_term():
     out = call(FlashLoss(S, [999], reconstruction="none"), Denoiser(lambda x, t, c: x, S), Denoiser(lambda x, t, c: x, S),
                                                       None, torch.zeros(2, 3, 2, 2), cond_of(2),

@@ -151,6 +151,7 @@ class DistillConfig:
     reconstruction: str = "srl"  # 'srl' (Eq. 8), 'eq7' (Eq. 7, no shift) or 'none'
     k: int = 8  # teacher DDIM steps for the target
     gamma_table: tuple = ((900, 990), (500, 950), (-1, 200))  # SRL gamma(t): (threshold, value), value if t > threshold
+    recon_step_weights: tuple | None = None  # flash: weight of each student step i's reconstruction loss (None: 1)
     guidance_scale: float | None = None  # teacher CFG scale for targets (default: the teacher's own)
     rollout_weights: str = "live"  # which student weights run the no-grad rollout: 'live' or 'ema'
     batch_size: int = 32  # global batch (split across processes)

@@ -60,10 +60,15 @@ def build_method(cfg: DistillConfig, schedule: Schedule, timesteps: list[int], t
     `sampler`, export_scheduler(schedule_config, timesteps); optionally nets() (extra state for the
     checkpoint) and begin_step(step, models).
     """
+    w = cfg.recon_step_weights
+    if w is not None and (cfg.method != "flash" or len(w) != len(timesteps) or min(w) < 0):
+        raise ConfigError(f"recon_step_weights={list(w)}: method flash takes one weight >= 0 per student step "
+                          f"({len(timesteps)} here)")
     if cfg.method == "flash":
         from .losses.flash import FlashLoss
         return FlashLoss(schedule, timesteps, k=cfg.k, backward=cfg.backward, reconstruction=cfg.reconstruction,
-                         noise_correction=cfg.noise_correction, gamma_table=cfg.gamma_table)
+                         noise_correction=cfg.noise_correction, gamma_table=cfg.gamma_table,
+                         step_weights=cfg.recon_step_weights)
     if cfg.method == "lcm":
         from .losses.lcm import LCMLoss
         return LCMLoss(schedule, num_ddim_timesteps=cfg.lcm_ddim_timesteps, loss=cfg.lcm_loss)

@@ -76,9 +76,12 @@ class FlashLoss:
 
     def __init__(self, schedule: Schedule, timesteps: Sequence[int], k: int = 8, backward: bool = True,
                  reconstruction: str = "srl", noise_correction: bool = True,
-                 gamma_table=((900, 990), (500, 950), (-1, 200))):
+                 gamma_table=((900, 990), (500, 950), (-1, 200)), step_weights: Sequence[float] | None = None):
         if reconstruction not in ("srl", "eq7", "none"):
             raise ValueError(f"reconstruction must be 'srl', 'eq7' or 'none', not {reconstruction!r}")
+        if step_weights is not None and len(step_weights) != len(timesteps):
+            raise ValueError(f"recon_step_weights has {len(step_weights)} weights for {len(timesteps)} student steps")
+        self.step_weights = None if step_weights is None else torch.tensor([float(w) for w in step_weights])
         self.schedule, self.timesteps, self.k = schedule, list(timesteps), k
         self.backward, self.reconstruction, self.noise_correction = backward, reconstruction, noise_correction
         self.gamma_table = tuple(tuple(p) for p in gamma_table)
@@ -103,6 +106,8 @@ class FlashLoss:
         else:
             return out
         out["recon"] = (target - x0_hat).square().flatten(1).mean(1)
+        if self.step_weights is not None:  # w_i per sample, by the student step it was drawn at
+            out["recon"] = out["recon"] * self.step_weights.to(x0_hat)[inp.step_index]
         return out
 
     def export_scheduler(self, schedule_config: dict, timesteps):
