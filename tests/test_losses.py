@@ -134,7 +134,7 @@ def test_srl_value_by_hand():
 def test_recon_step_weights_scale_each_sample_by_its_step():
     """recon_step_weights: each sample's loss is multiplied by the weight of the step index it drew."""
     B, w = 64, (0.25, 1.0, 3.0)
-    args = lambda: (Denoiser(lambda x, t, c: 0.5 * x, S), Denoiser(lambda x, t, c: 0.5 * x, S),  # noqa: E731
+    args = lambda: (Denoiser(lambda x, t, c: 0.5 * x, S), Denoiser(lambda x, t, c: 0.5 * x, S),
                     Denoiser(lambda x, t, c: 0.2 * x, S), torch.zeros(B, 3, 2, 2), cond_of(B))
     plain = call(FlashLoss(S, [999, 750, 500], k=2), *args(), torch.Generator().manual_seed(7))["recon"]
     weighted = call(FlashLoss(S, [999, 750, 500], k=2, step_weights=w), *args(),
