@@ -11,6 +11,8 @@ from safetensors.torch import load_file
 
 from conftest import needs_data
 
+ROOT = __import__('pathlib').Path(__file__).resolve().parents[1]
+
 WORKER = r'''
 import sys
 from safetensors.torch import save_file
@@ -136,15 +138,25 @@ def test_fsdp2_shards_gather_for_ema_and_checkpoints(tmp_path):
     assert (tmp_path / "run" / "ok0").is_file() and (tmp_path / "run" / "ok1").is_file()
 
 
-@pytest.mark.parametrize("kind,fsdp2,lora,message", [
-    ("DEEPSPEED", False, 0, "DeepSpeed is not supported"),
-    ("FSDP", False, 0, "FSDP1 is not supported"),
-    ("FSDP", True, 4, "LoRA student"),
-    ("FSDP", True, 0, None),
-    ("MULTI_GPU", False, 4, None),
+Z2 = {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "none"}}}
+
+
+@pytest.mark.parametrize("kind,fsdp2,lora,ds,cfg,message", [
+    ("DEEPSPEED", False, 0, {"zero_optimization": {"stage": 3}}, {}, "ZeRO-3 is not supported"),
+    ("DEEPSPEED", False, 0, Z2, {"mixed_precision": "bf16"}, "mixed_precision"),
+    ("DEEPSPEED", False, 0, {**Z2, "fp16": {"enabled": True}}, {}, "mixed_precision"),
+    ("DEEPSPEED", False, 0, {**Z2, "optimizer": {"type": "Adam"}}, {}, "optimizer or scheduler"),
+    ("DEEPSPEED", False, 0, Z2, {"optimizer": "adam8bit"}, "optimizer=adam"),
+    ("DEEPSPEED", False, 0, {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}, {},
+     "offload"),
+    ("DEEPSPEED", False, 4, Z2, {}, None),
+    ("FSDP", False, 0, {}, {}, "FSDP1 is not supported"),
+    ("FSDP", True, 4, {}, {}, "LoRA student"),
+    ("FSDP", True, 0, {}, {}, None),
+    ("MULTI_GPU", False, 4, {}, {}, None),
 ])
-def test_backend_check(kind, fsdp2, lora, message):
-    """DDP and FSDP2 run; DeepSpeed, FSDP1 and FSDP with a LoRA student stop with one line."""
+def test_backend_check(kind, fsdp2, lora, ds, cfg, message):
+    """DDP, FSDP2 and DeepSpeed ZeRO-1/2 (fp32, our optimisers) run; anything else stops with one line."""
     from types import SimpleNamespace
 
     from accelerate.utils import DistributedType
@@ -152,11 +164,74 @@ def test_backend_check(kind, fsdp2, lora, message):
     from imagine_flash.config import ConfigError, DistillConfig
     from imagine_flash.train import _check_backend
 
-    acc = SimpleNamespace(distributed_type=DistributedType[kind], is_fsdp2=fsdp2)
-    cfg = DistillConfig(lora_rank=lora)
+    acc = SimpleNamespace(distributed_type=DistributedType[kind], is_fsdp2=fsdp2,
+                          state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=ds)))
+    cfg = DistillConfig(lora_rank=lora, **cfg)
     if message is None:
         _check_backend(acc, cfg)
     else:
         with pytest.raises(ConfigError, match=message) as e:
             _check_backend(acc, cfg)
         assert "\n" not in str(e.value)
+
+
+DS_WORKER = r'''
+import json, sys
+from safetensors.torch import save_file
+from imagine_flash import train
+from imagine_flash.config import DistillConfig
+
+seen = {"engines": set()}
+real_ema_update, real_is_engine = train.ema_update, train._is_engine
+def record(ema, net, decay):
+    seen["student"] = net
+    real_ema_update(ema, net, decay)
+def is_engine(model):
+    seen["engines"].add(bool(real_is_engine(model)))
+    return real_is_engine(model)
+train.ema_update, train._is_engine = record, is_engine
+out, teacher, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
+cfg = DistillConfig(out=out, teacher=teacher, batch_size=4, grad_accum=2, k=2, max_steps=steps, ckpt_every=2,
+                    sample_every=100, log_every=1, eval_samples=0, adv_weight=0.1, threads=1)
+train.distill(cfg, resume="--resume" in sys.argv)
+save_file({k: v.contiguous() for k, v in seen["student"].state_dict().items()}, f"{out}/final.safetensors")
+open(f"{out}/engines.json", "w").write(json.dumps(sorted(seen["engines"])))
+'''
+
+
+@needs_data
+@pytest.mark.slow
+def test_deepspeed_zero2_equals_plain_and_resumes_exactly(tmp_path, tiny_teacher):
+    """configs/accelerate/deepspeed_zero2.yaml, one CPU process (accelerate runs DeepSpeed on CPU as one process):
+    the student and the discriminator each train in a ZeRO-2 engine, with 2 accumulated micro-batches, and
+    - the weights equal a plain run's, up to float rounding (same batches, same clipping, same Adam);
+    - the checkpoint's optimiser state has the plain run's format and values (name-keyed, gathered);
+    - a run killed at step 2 and resumed ends bitwise equal to the uninterrupted run."""
+    pytest.importorskip("deepspeed")
+    import json
+
+    (tmp_path / "worker.py").write_text(DS_WORKER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ds = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+          str(ROOT / "configs" / "accelerate" / "deepspeed_zero2.yaml"), "--num_processes", "1",
+          "--main_process_port", "29523"]
+    for name, cmd, steps, extra in (("plain", [sys.executable], 4, []), ("ds", ds, 4, []),
+                                    ("res", ds, 2, []), ("res", ds, 4, ["--resume"])):
+        r = subprocess.run(cmd + [str(tmp_path / "worker.py"), str(tmp_path / name), str(tiny_teacher), str(steps),
+                                  *extra], env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert json.loads((tmp_path / name / "engines.json").read_text()) == ([False] if name == "plain" else [True])
+    plain, dsw, res = (load_file(tmp_path / n / "final.safetensors") for n in ("plain", "ds", "res"))
+    init = load_file(tiny_teacher / "unet" / "diffusion_pytorch_model.safetensors")
+    assert any(not torch.equal(plain[k], init[k].float()) for k in plain)  # training moved the weights
+    for k in plain:
+        torch.testing.assert_close(dsw[k], plain[k], rtol=1e-4, atol=2e-6)
+        assert torch.equal(res[k], dsw[k]), k
+    sp, sd = (torch.load(tmp_path / n / "ckpt" / "state.pt", weights_only=True)["opts"] for n in ("plain", "ds"))
+    for o in ("g", "d"):
+        assert sd[o]["param_groups"] == sp[o]["param_groups"]
+        assert sd[o]["state"].keys() == sp[o]["state"].keys()
+        for n, st in sp[o]["state"].items():
+            assert sd[o]["state"][n].keys() == st.keys()
+            for key, v in st.items():
+                torch.testing.assert_close(sd[o]["state"][n][key], v, rtol=1e-3, atol=1e-4 * float(v.abs().max()))

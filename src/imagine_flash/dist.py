@@ -1,5 +1,6 @@
-"""Whole-model views of a module that may be sharded (FSDP2's DTensor parameters), for the EMA, checkpoints and the
-NaN check. Under FSDP each process holds a shard of every parameter; these functions gather what they need.
+"""Whole-model views of a module that may be sharded (FSDP2's DTensor parameters, DeepSpeed ZeRO's optimiser state),
+for the EMA, checkpoints and the NaN check. Under FSDP each process holds a shard of every parameter, under ZeRO-1/2 a
+shard of the optimiser state; these functions gather what they need.
 
 Every function that gathers is a collective: call it on every process, in the same order.
 """
@@ -46,11 +47,20 @@ def _bare(opt):
     return getattr(opt, "optimizer", opt)  # accelerate's AcceleratedOptimizer wraps the torch one
 
 
+def zero_optimizer(opt):
+    """DeepSpeed's ZeRO optimiser inside accelerate's wrapper, or None for any other optimiser."""
+    z = _bare(opt)
+    return z if type(z).__module__.startswith("deepspeed.") else None
+
+
 def optimizer_state(model: torch.nn.Module, opt) -> dict:
     """The optimiser's whole state keyed by parameter name (torch.distributed.checkpoint's format): the same file
-    whether the run was one process, DDP or FSDP, so a checkpoint resumes under any of them. Gathers when sharded;
-    the full state lands on the main process only."""
+    whether the run was one process, DDP, FSDP or DeepSpeed ZeRO-1/2, so a checkpoint resumes under any of them.
+    Gathers when sharded; under FSDP the full state lands on the main process only."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    if zero_optimizer(opt) is not None:
+        return _zero_state(model, zero_optimizer(opt))
 
     return get_optimizer_state_dict(model, _bare(opt), options=StateDictOptions(full_state_dict=True,
                                                                                 cpu_offload=True))
@@ -60,7 +70,51 @@ def load_optimizer_state(model: torch.nn.Module, opt, state: dict) -> None:
     """Inverse of optimizer_state, called after accelerate.prepare: each process takes its shard of the full state."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
+    if zero_optimizer(opt) is not None:
+        return _load_zero_state(model, zero_optimizer(opt), state)
     set_optimizer_state_dict(model, _bare(opt), state, options=StateDictOptions(full_state_dict=True))
+
+
+def _trainable_named(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def _zero_state(model: torch.nn.Module, z) -> dict:
+    """optimizer_state for a DeepSpeed ZeRO-1/2 optimiser: its torch optimiser steps flat fp32 partitions, so each
+    parameter's moments are gathered by DeepSpeed (safe_get_full_optimizer_state, a collective)."""
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    base = z.optimizer  # the torch optimiser the loop built, now over flat partitions (one per param group)
+    if len(base.param_groups) != 1:
+        raise ValueError("DeepSpeed checkpoints expect one parameter group per optimiser")
+    flat = next(iter(base.state.values()), {})  # empty before the first step
+    keys = [k for k, v in flat.items() if torch.is_tensor(v) and v.dim() > 0]  # exp_avg, exp_avg_sq, ...
+    named = _trainable_named(model)
+    state = {n: {"step": flat["step"].detach().clone().cpu(),
+                 **{k: safe_get_full_optimizer_state(p, k).detach().cpu() for k in keys}}
+             for n, p in named} if flat else {}
+    group = {k: v for k, v in base.param_groups[0].items() if k != "params"}
+    return {"state": state, "param_groups": [{**group, "params": [n for n, _ in named]}]}
+
+
+def _load_zero_state(model: torch.nn.Module, z, state: dict) -> None:
+    """Inverse of _zero_state, after accelerate.prepare: each process takes its partition of every moment."""
+    from deepspeed.utils import safe_set_full_optimizer_state
+
+    base = z.optimizer
+    base.param_groups[0].update({k: v for k, v in state["param_groups"][0].items() if k != "params"})
+    named = _trainable_named(model)
+    if not state["state"]:
+        return
+    first = state["state"][named[0][0]]
+    for fp in base.param_groups[0]["params"]:  # torch creates the state lazily at the first step: create it now
+        base.state[fp] = {"step": first["step"].clone().to(fp.device),
+                          **{k: torch.zeros_like(fp) for k in first if k != "step"}}
+    z._lazy_init_hp_params_optimizer_state()  # DeepSpeed links each parameter's views of that state (private API)
+    for n, p in named:
+        for k, v in state["state"][n].items():
+            if k != "step":
+                safe_set_full_optimizer_state(p, v.to(p.device, torch.float32), k)
 
 
 def all_finite(module: torch.nn.Module) -> torch.Tensor:

@@ -204,6 +204,9 @@ def distill(cfg: DistillConfig, resume: bool = False, teacher_bundle=None, datas
     # On a machine without CUDA, a multi-process launch (accelerate launch --multi_gpu, torchrun) runs on CPU
     # with gloo; accelerate would otherwise fall back to independent single processes.
     cpu_ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    if cpu_ddp and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        raise ConfigError("accelerate runs DeepSpeed on CPU as one process only: launch one process, or use DDP "
+                          "(accelerate launch --multi_gpu) on CPU")
     acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cpu_ddp)  # gradient accumulation is by hand below
     world, accum = acc.num_processes, max(1, cfg.grad_accum)
     _check_backend(acc, cfg)
@@ -260,9 +263,9 @@ def distill(cfg: DistillConfig, resume: bool = False, teacher_bundle=None, datas
     if resuming:  # weights before prepare (FSDP then shards them), optimiser state after it
         step = load_checkpoint(run, nets, {})
         seconds_before = float(json.loads((run / "ckpt" / "step.json").read_text()).get("seconds", 0.0))
-    student, opt_g = acc.prepare(student, opt_g)
+    student, opt_g = _prepare(acc, student, opt_g, cfg, world, accum, cfg.grad_clip)
     if disc is not None:
-        disc, opt_d = acc.prepare(disc, opt_d)
+        disc, opt_d = _prepare(acc, disc, opt_d, cfg, world, accum, 0.0)
     opts = {"g": (acc.unwrap_model(student), opt_g), **({"d": (acc.unwrap_model(disc), opt_d)} if opt_d else {})}
     if resuming:
         load_checkpoint(run, {}, opts)
@@ -303,27 +306,23 @@ def distill(cfg: DistillConfig, resume: bool = False, teacher_bundle=None, datas
                 side = resolution // encoder.downscale
                 x0_real = torch.zeros(len(items), teacher_unet.config.in_channels, side, side, device=acc.device)
             cond = text([it["caption"] for it in items]).to(acc.device)
-            with contextlib.nullcontext() if m == accum - 1 else acc.no_sync(student):  # all-reduce once
+            with _micro_batch(acc, student, m == accum - 1):  # all-reduce once
                 loss_g, parts, x0_fake = generator_step(method, models, x0_real, cond, gen, use_adv, cfg.adv_weight)
-                acc.backward(loss_g / accum)
+                _backward(acc, student, loss_g, accum, m == accum - 1)
             bad |= ~torch.isfinite(loss_g.detach())
             micro.append((x0_real, x0_fake, cond, gen))
             for k, v in {**parts, "loss": loss_g.detach()}.items():
                 sums[k] = sums.get(k, 0.0) + v / accum
-        if cfg.grad_clip:
-            acc.clip_grad_norm_(student.parameters(), cfg.grad_clip)
-        opt_g.step()
-        opt_g.zero_grad(set_to_none=True)
+        _update(acc, student, opt_g, cfg.grad_clip)
         # Discriminator update on the same micro-batches (real data against the student's detached x0_hat).
         if disc is not None:
             for m, (x0_real, x0_fake, cond, gen) in enumerate(micro):
-                with contextlib.nullcontext() if m == accum - 1 else acc.no_sync(disc):
+                with _micro_batch(acc, disc, m == accum - 1):
                     loss_d = discriminator_step(adv, disc, x0_real, x0_fake, cond, gen)
-                    acc.backward(loss_d / accum)
+                    _backward(acc, disc, loss_d, accum, m == accum - 1)
                 bad |= ~torch.isfinite(loss_d.detach())
                 sums["disc"] = sums.get("disc", 0.0) + loss_d.detach() / accum
-            opt_d.step()
-            opt_d.zero_grad(set_to_none=True)
+            _update(acc, disc, opt_d, 0.0)
         parts = sums
         # EMA of the student.
         ema_update(ema, acc.unwrap_model(student), cfg.ema_decay)
@@ -369,17 +368,80 @@ def distill(cfg: DistillConfig, resume: bool = False, teacher_bundle=None, datas
 
 
 def _check_backend(acc, cfg: DistillConfig) -> None:
-    """DDP and FSDP2 are supported; DeepSpeed and FSDP1 stop with one line saying what to use instead."""
+    """DDP, FSDP2 and DeepSpeed ZeRO-1/2 are supported; anything else stops with one line saying what to use."""
     from accelerate.utils import DistributedType
 
     if acc.distributed_type == DistributedType.DEEPSPEED:
-        raise ConfigError("DeepSpeed is not supported: its engine steps the optimiser inside backward, and this loop "
-                          "trains two models with its own accumulation. Use FSDP (fsdp_version: 2) or DDP")
+        ds = acc.state.deepspeed_plugin.deepspeed_config
+        zero = ds.get("zero_optimization", {})
+        if int(zero.get("stage", 0)) > 2:
+            raise ConfigError("DeepSpeed ZeRO-3 is not supported: use zero_stage 1 or 2, or FSDP (fsdp_version: 2) "
+                              "to shard the weights too")
+        if cfg.mixed_precision != "no" or any(ds.get(k, {}).get("enabled") is True for k in ("fp16", "bf16")):
+            raise ConfigError("DeepSpeed runs the fp32 student here: set mixed_precision: 'no' in the accelerate "
+                              "config (and no fp16/bf16 in the DeepSpeed config), or use FSDP2 for bf16")
+        if "optimizer" in ds or "scheduler" in ds:
+            raise ConfigError("the DeepSpeed config must not set an optimizer or scheduler: distill builds its own "
+                              "(--set lr=..., disc_lr=..., optimizer=adam)")
+        if cfg.optimizer != "adam" or any(zero.get(k, {}).get("device", "none") != "none"
+                                          for k in ("offload_optimizer", "offload_param")):
+            raise ConfigError("with DeepSpeed use optimizer=adam and no ZeRO offload (both need DeepSpeed's own "
+                              "optimisers)")
     if acc.distributed_type == DistributedType.FSDP:
         if not getattr(acc, "is_fsdp2", False):
             raise ConfigError("FSDP1 is not supported: set fsdp_version: 2 in the accelerate config file")
         if cfg.lora_rank:
             raise ConfigError("a LoRA student shares the teacher's UNet and trains with DDP: drop FSDP, or --lora-rank")
+
+
+def _is_engine(model) -> bool:
+    """A DeepSpeed engine: it owns backward, accumulation, clipping and the optimiser step."""
+    return hasattr(model, "set_gradient_accumulation_boundary")
+
+
+def _prepare(acc, model, opt, cfg: DistillConfig, world: int, accum: int, clip: float):
+    """accelerate.prepare(model, opt). Under DeepSpeed each model gets its own engine, configured for this loop's
+    micro-batches, accumulation and `clip` (the student clips, the discriminator does not)."""
+    import logging
+
+    if not hasattr(acc.state, "deepspeed_plugin") or acc.state.deepspeed_plugin is None:
+        return acc.prepare(model, opt)
+    acc.state.deepspeed_plugin.deepspeed_config.update(
+        train_micro_batch_size_per_gpu=cfg.batch_size // (world * accum), train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=accum, gradient_clipping=float(clip or 0.0))
+    log = logging.getLogger("accelerate.accelerator")  # its 'engine tied to backward()' note: engines step here
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        return acc.prepare(model, opt)
+    finally:
+        log.setLevel(level)
+
+
+def _micro_batch(acc, model, last: bool):
+    """Forward and backward of one micro-batch: DDP all-reduces on the last one only (a DeepSpeed engine decides
+    that from its accumulation boundary)."""
+    return contextlib.nullcontext() if last or _is_engine(model) else acc.no_sync(model)
+
+
+def _backward(acc, model, loss: torch.Tensor, accum: int, last: bool) -> None:
+    """Gradients of loss / accum (a DeepSpeed engine divides by its gradient_accumulation_steps = accum itself)."""
+    if _is_engine(model):
+        model.set_gradient_accumulation_boundary(last)
+        model.backward(loss)
+    else:
+        acc.backward(loss / accum)
+
+
+def _update(acc, model, opt, clip: float) -> None:
+    """Clip (if clip), step and zero the gradients: by hand, or by the DeepSpeed engine (clip is in its config)."""
+    if _is_engine(model):
+        model.step()
+        return
+    if clip:
+        acc.clip_grad_norm_(model.parameters(), clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
 
 
 def _build_discriminator(cfg: DistillConfig, teacher_unet, text, encoder) -> torch.nn.Module:
