@@ -176,8 +176,16 @@ def test_backend_check(kind, fsdp2, lora, ds, cfg, message):
 
 
 DS_WORKER = r'''
-import json, sys
+import json, os, sys
 from safetensors.torch import save_file
+from accelerate.state import PartialState
+if "--cpu-world" in sys.argv:  # accelerate gives DeepSpeed on CPU no backend (world 1): give it gloo, as on GPUs nccl
+    from accelerate.utils import DistributedType
+    real_prepare_backend = PartialState._prepare_backend
+    def prepare_backend(self, cpu=False, sagemaker_dp=False, backend=None):
+        b, t = real_prepare_backend(self, cpu, sagemaker_dp, backend)
+        return ("gloo", DistributedType.MULTI_CPU) if b is None and "LOCAL_RANK" in os.environ else (b, t)
+    PartialState._prepare_backend = prepare_backend
 from imagine_flash import train
 from imagine_flash.config import DistillConfig
 
@@ -194,8 +202,9 @@ out, teacher, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
 cfg = DistillConfig(out=out, teacher=teacher, batch_size=4, grad_accum=2, k=2, max_steps=steps, ckpt_every=2,
                     sample_every=100, log_every=1, eval_samples=0, adv_weight=0.1, threads=1)
 train.distill(cfg, resume="--resume" in sys.argv)
-save_file({k: v.contiguous() for k, v in seen["student"].state_dict().items()}, f"{out}/final.safetensors")
-open(f"{out}/engines.json", "w").write(json.dumps(sorted(seen["engines"])))
+rank = PartialState().process_index
+save_file({k: v.contiguous() for k, v in seen["student"].state_dict().items()}, f"{out}/final{rank}.safetensors")
+open(f"{out}/engines{rank}.json", "w").write(json.dumps(sorted(seen["engines"])))
 '''
 
 
@@ -206,7 +215,9 @@ def test_deepspeed_zero2_equals_plain_and_resumes_exactly(tmp_path, tiny_teacher
     the student and the discriminator each train in a ZeRO-2 engine, with 2 accumulated micro-batches, and
     - the weights equal a plain run's, up to float rounding (same batches, same clipping, same Adam);
     - the checkpoint's optimiser state has the plain run's format and values (name-keyed, gathered);
-    - a run killed at step 2 and resumed ends bitwise equal to the uninterrupted run."""
+    - a run killed at step 2 and resumed ends bitwise equal to the uninterrupted run.
+    Then 2 processes (accelerate's CPU backend patched in the worker only): ZeRO-2 partitions the Adam state across
+    them, the replicas stay bitwise identical, and weights and gathered optimiser state equal the one-process run's."""
     pytest.importorskip("deepspeed")
     import json
 
@@ -215,23 +226,31 @@ def test_deepspeed_zero2_equals_plain_and_resumes_exactly(tmp_path, tiny_teacher
     ds = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
           str(ROOT / "configs" / "accelerate" / "deepspeed_zero2.yaml"), "--num_processes", "1",
           "--main_process_port", "29523"]
+    ds2 = [*ds[:-3], "2", "--main_process_port", "29524"]
     for name, cmd, steps, extra in (("plain", [sys.executable], 4, []), ("ds", ds, 4, []),
-                                    ("res", ds, 2, []), ("res", ds, 4, ["--resume"])):
+                                    ("res", ds, 2, []), ("res", ds, 4, ["--resume"]), ("two", ds2, 4, ["--cpu-world"])):
         r = subprocess.run(cmd + [str(tmp_path / "worker.py"), str(tmp_path / name), str(tiny_teacher), str(steps),
                                   *extra], env=env, capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stderr[-3000:]
-        assert json.loads((tmp_path / name / "engines.json").read_text()) == ([False] if name == "plain" else [True])
-    plain, dsw, res = (load_file(tmp_path / n / "final.safetensors") for n in ("plain", "ds", "res"))
+        for rank in range(2 if name == "two" else 1):
+            engines = json.loads((tmp_path / name / f"engines{rank}.json").read_text())
+            assert engines == ([False] if name == "plain" else [True])
+    plain, dsw, res, two0, two1 = (load_file(tmp_path / n / f"final{r}.safetensors")
+                                   for n, r in (("plain", 0), ("ds", 0), ("res", 0), ("two", 0), ("two", 1)))
     init = load_file(tiny_teacher / "unet" / "diffusion_pytorch_model.safetensors")
     assert any(not torch.equal(plain[k], init[k].float()) for k in plain)  # training moved the weights
     for k in plain:
         torch.testing.assert_close(dsw[k], plain[k], rtol=1e-4, atol=2e-6)
         assert torch.equal(res[k], dsw[k]), k
-    sp, sd = (torch.load(tmp_path / n / "ckpt" / "state.pt", weights_only=True)["opts"] for n in ("plain", "ds"))
-    for o in ("g", "d"):
-        assert sd[o]["param_groups"] == sp[o]["param_groups"]
-        assert sd[o]["state"].keys() == sp[o]["state"].keys()
-        for n, st in sp[o]["state"].items():
-            assert sd[o]["state"][n].keys() == st.keys()
-            for key, v in st.items():
-                torch.testing.assert_close(sd[o]["state"][n][key], v, rtol=1e-3, atol=1e-4 * float(v.abs().max()))
+        assert torch.equal(two0[k], two1[k]), k
+        torch.testing.assert_close(two0[k], plain[k], rtol=1e-4, atol=2e-5)  # as the DDP test: other reductions
+    sp = torch.load(tmp_path / "plain" / "ckpt" / "state.pt", weights_only=True)["opts"]
+    for run in ("ds", "two"):
+        sd = torch.load(tmp_path / run / "ckpt" / "state.pt", weights_only=True)["opts"]
+        for o in ("g", "d"):
+            assert sd[o]["param_groups"] == sp[o]["param_groups"]
+            assert sd[o]["state"].keys() == sp[o]["state"].keys()
+            for n, st in sp[o]["state"].items():
+                assert sd[o]["state"][n].keys() == st.keys()
+                for key, v in st.items():
+                    torch.testing.assert_close(sd[o]["state"][n][key], v, rtol=1e-3, atol=1e-4 * float(v.abs().max()))

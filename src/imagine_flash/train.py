@@ -203,10 +203,9 @@ def distill(cfg: DistillConfig, resume: bool = False, teacher_bundle=None, datas
         torch.set_num_threads(cfg.threads)
     # On a machine without CUDA, a multi-process launch (accelerate launch --multi_gpu, torchrun) runs on CPU
     # with gloo; accelerate would otherwise fall back to independent single processes.
-    cpu_ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    if cpu_ddp and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
-        raise ConfigError("accelerate runs DeepSpeed on CPU as one process only: launch one process, or use DDP "
-                          "(accelerate launch --multi_gpu) on CPU")
+    # (A DeepSpeed launch keeps cpu=False: accelerate enables DeepSpeed only then; _check_backend checks the rest.)
+    cpu_ddp = (int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+               and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true")
     acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cpu_ddp)  # gradient accumulation is by hand below
     world, accum = acc.num_processes, max(1, cfg.grad_accum)
     _check_backend(acc, cfg)
@@ -387,6 +386,10 @@ def _check_backend(acc, cfg: DistillConfig) -> None:
                                           for k in ("offload_optimizer", "offload_param")):
             raise ConfigError("with DeepSpeed use optimizer=adam and no ZeRO offload (both need DeepSpeed's own "
                               "optimisers)")
+        import torch.distributed as tdist
+        if tdist.is_initialized() and tdist.get_world_size() != acc.num_processes:  # accelerate on CPU
+            raise ConfigError(f"accelerate runs DeepSpeed on CPU as one process, not {tdist.get_world_size()}: "
+                              "launch one, or use DDP (accelerate launch --multi_gpu) on CPU")
     if acc.distributed_type == DistributedType.FSDP:
         if not getattr(acc, "is_fsdp2", False):
             raise ConfigError("FSDP1 is not supported: set fsdp_version: 2 in the accelerate config file")
