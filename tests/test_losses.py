@@ -158,6 +158,22 @@ def test_recon_step_weights_must_match_the_steps():
         build_method(DistillConfig(method="lcm", recon_step_weights=(1.0,)), S, [999])
 
 
+def test_rollout_all_steps_same_states_fixed_calls():
+    """all_steps (several processes): every process runs all steps but the last, and the states are unchanged."""
+    from imagine_flash.sampling import rollout
+
+    g = torch.Generator().manual_seed(0)
+    x_T, cond = torch.randn(4, 3, 2, 2, generator=g), cond_of(4)
+    for i in ([0, 0, 1, 1], [0, 1, 2, 0], [0, 0, 0, 0]):
+        i = torch.tensor(i)
+        runs = []
+        for all_steps in (False, True):
+            net = Recorder(0.3)
+            runs.append((rollout(Denoiser(net, S), x_T, cond, [999, 750, 500], S, i, True, all_steps), len(net.calls)))
+        assert torch.equal(runs[0][0], runs[1][0])
+        assert runs[0][1] == int(i.max()) and runs[1][1] == 2
+
+
 def test_no_srl_has_no_reconstruction_term():
     out = call(FlashLoss(S, [999], reconstruction="none"), Denoiser(lambda x, t, c: x, S), Denoiser(lambda x, t, c: x, S),
                                                       None, torch.zeros(2, 3, 2, 2), cond_of(2),

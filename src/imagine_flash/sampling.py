@@ -48,14 +48,15 @@ def flash_sample(denoiser, x_T: torch.Tensor, cond: Cond, timesteps: Sequence[in
 
 @torch.no_grad()
 def rollout(denoiser, x_T: torch.Tensor, cond: Cond, timesteps: Sequence[int], schedule: Schedule,
-            step_index: torch.Tensor, noise_correction: bool = True) -> torch.Tensor:
+            step_index: torch.Tensor, noise_correction: bool = True, all_steps: bool = False) -> torch.Tensor:
     """§4.1 backward rollout: x_{T->t_i} for each sample's own step index i (B,), by the inference update.
 
     Runs steps 0..max(i)-1 on the whole batch from pure noise and keeps, per sample, the state reached at its i.
-    Uses no data: the states come only from x_T and the denoiser's outputs.
+    Uses no data: the states come only from x_T and the denoiser's outputs. all_steps: run every step but the last
+    whatever i is (same result): each process of a sharded run then makes the same forward calls (FSDP all-gathers).
     """
     x, out = x_T, x_T.clone()
-    n = int(step_index.max()) if step_index.numel() else 0
+    n = len(timesteps) - 1 if all_steps else int(step_index.max()) if step_index.numel() else 0
     for j in range(n):
         x, _ = flash_step(denoiser, x, timesteps[j], timesteps[j + 1], x_T, cond, schedule, noise_correction, j == 0)
         out = torch.where((step_index == j + 1).view(-1, *[1] * (x.ndim - 1)), x, out)

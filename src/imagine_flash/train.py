@@ -255,6 +255,8 @@ def distill(cfg: DistillConfig, resume: bool = False, teacher_bundle=None, datas
     if cfg.method == "progressive" and cfg.lora_rank:
         raise ConfigError("method=progressive needs a full student (its stage teachers copy the EMA): drop --lora-rank")
     method = build_method(cfg, schedule, timesteps, teacher_unet)
+    if world > 1 and hasattr(method, "all_steps"):  # a rollout's length must not depend on this process's draws
+        method.all_steps = True
     method_nets = method.nets() if hasattr(method, "nets") else {}
     nets = {"student": st.state, "ema": ema, **({"disc": disc} if disc else {}), **method_nets}
     step, seconds_before = 0, 0.0  # training seconds of earlier invocations (resume): train.json is cumulative

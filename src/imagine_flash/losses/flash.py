@@ -23,12 +23,12 @@ class StudentInput:
 
 
 def backward_input(rollout_denoiser, cond: Cond, timesteps: Sequence[int], schedule: Schedule, shape,
-                   gen: torch.Generator, noise_correction: bool, device) -> StudentInput:
+                   gen: torch.Generator, noise_correction: bool, device, all_steps: bool = False) -> StudentInput:
     """§4.1: x_{T->t} = stopgrad(f_Theta^{i}(x_T)), the student's own rollout from pure noise to its step i."""
     B = shape[0]
     x_T = randn(shape, gen, device)
     i = randint(0, len(timesteps), B, gen, device)
-    x_t = rollout(rollout_denoiser, x_T, cond, timesteps, schedule, i, noise_correction)
+    x_t = rollout(rollout_denoiser, x_T, cond, timesteps, schedule, i, noise_correction, all_steps)
     t = torch.as_tensor(timesteps, device=device)[i]
     return StudentInput(x_t, t, i, x_T)
 
@@ -85,11 +85,12 @@ class FlashLoss:
         self.schedule, self.timesteps, self.k = schedule, list(timesteps), k
         self.backward, self.reconstruction, self.noise_correction = backward, reconstruction, noise_correction
         self.gamma_table = tuple(tuple(p) for p in gamma_table)
+        self.all_steps = False  # the loop sets it with several processes: the same rollout calls on each (FSDP)
 
     def student_input(self, rollout_denoiser, x0_real: torch.Tensor, cond: Cond, gen: torch.Generator) -> StudentInput:
         if self.backward:
             return backward_input(rollout_denoiser, cond, self.timesteps, self.schedule, x0_real.shape, gen,
-                                  self.noise_correction, x0_real.device)
+                                  self.noise_correction, x0_real.device, self.all_steps)
         return forward_input(x0_real, self.timesteps, self.schedule, gen)
 
     def __call__(self, models, x0_real: torch.Tensor, cond: Cond, gen) -> dict[str, torch.Tensor]:
