@@ -409,7 +409,9 @@ def _prepare(acc, model, opt, cfg: DistillConfig, world: int, accum: int, clip: 
     micro-batches, accumulation and `clip` (the student clips, the discriminator does not)."""
     import logging
 
-    if not hasattr(acc.state, "deepspeed_plugin") or acc.state.deepspeed_plugin is None:
+    from accelerate.utils import DistributedType
+
+    if acc.distributed_type != DistributedType.DEEPSPEED:
         return acc.prepare(model, opt)
     acc.state.deepspeed_plugin.deepspeed_config.update(
         train_micro_batch_size_per_gpu=cfg.batch_size // (world * accum), train_batch_size=cfg.batch_size,
