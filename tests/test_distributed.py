@@ -121,6 +121,7 @@ train.load_checkpoint(run, {"student": fresh_plain}, {"g": (fresh_plain, o_plain
 step(ref, opt_ref); step(fresh_sh, o_sh); step(fresh_plain, o_plain)
 close(full(fresh_sh), full(ref))
 close(full(fresh_plain), full(ref))
+dist.barrier()  # no rank tears its connections down while the other still reads from them
 dist.destroy_process_group()
 (run / f"ok{rank}").write_text("ok")  # a file per rank: two processes' prints can interleave
 '''
@@ -217,6 +218,10 @@ from torch.distributed.tensor import DTensor
 weights = full_state_dict(seen["student"])
 save_file(weights, f"{out}/final{rank}.safetensors")
 open(f"{out}/sharded{rank}.json", "w").write(json.dumps(all(isinstance(p, DTensor) for p in seen["student"].parameters())))
+import torch.distributed as dist
+if dist.is_initialized():  # no rank tears its connections down while the other still reads from them
+    dist.barrier()
+    dist.destroy_process_group()
 open(f"{out}/engines{rank}.json", "w").write(json.dumps(sorted(seen["engines"])))
 '''
 
