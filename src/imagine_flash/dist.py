@@ -59,8 +59,8 @@ def optimizer_state(model: torch.nn.Module, opt) -> dict:
     Gathers when sharded; under FSDP the full state lands on the main process only."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    if zero_optimizer(opt) is not None:
-        return _zero_state(model, zero_optimizer(opt))
+    if (z := zero_optimizer(opt)) is not None:
+        return _zero_state(model, z)
 
     return get_optimizer_state_dict(model, _bare(opt), options=StateDictOptions(full_state_dict=True,
                                                                                 cpu_offload=True))
@@ -70,12 +70,13 @@ def load_optimizer_state(model: torch.nn.Module, opt, state: dict) -> None:
     """Inverse of optimizer_state, called after accelerate.prepare: each process takes its shard of the full state."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    if zero_optimizer(opt) is not None:
-        return _load_zero_state(model, zero_optimizer(opt), state)
+    if (z := zero_optimizer(opt)) is not None:
+        return _load_zero_state(model, z, state)
     set_optimizer_state_dict(model, _bare(opt), state, options=StateDictOptions(full_state_dict=True))
 
 
-def _trainable_named(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+def trainable_named(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """(name, parameter) of the trainable parameters, in module order: the order the loop builds its optimisers in."""
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
@@ -89,7 +90,7 @@ def _zero_state(model: torch.nn.Module, z) -> dict:
         raise ValueError("DeepSpeed checkpoints expect one parameter group per optimiser")
     flat = next(iter(base.state.values()), {})  # empty before the first step
     keys = [k for k, v in flat.items() if torch.is_tensor(v) and v.dim() > 0]  # exp_avg, exp_avg_sq, ...
-    named = _trainable_named(model)
+    named = trainable_named(model)
     state = {n: {"step": flat["step"].detach().clone().cpu(),
                  **{k: safe_get_full_optimizer_state(p, k).detach().cpu() for k in keys}}
              for n, p in named} if flat else {}
@@ -103,7 +104,7 @@ def _load_zero_state(model: torch.nn.Module, z, state: dict) -> None:
 
     base = z.optimizer
     base.param_groups[0].update({k: v for k, v in state["param_groups"][0].items() if k != "params"})
-    named = _trainable_named(model)
+    named = trainable_named(model)
     if not state["state"]:
         return
     first = state["state"][named[0][0]]

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from .config import METHODS, ConfigError, DistillConfig, resolve_variant, save_config
 from .denoisers import Denoiser
-from .dist import all_finite, full_state_dict, load_optimizer_state, optimizer_state, trainable_full
+from .dist import all_finite, full_state_dict, load_optimizer_state, optimizer_state, trainable_full, trainable_named
 from .encoders import PixelEncoder
 from .rng import Shard
 from .schedule import STUDENT_TIMESTEPS, Schedule, make_schedule, trailing_timesteps
@@ -183,7 +183,7 @@ def _by_name(state: dict, model: torch.nn.Module) -> dict:
     loop builds its optimisers."""
     if not any(isinstance(i, int) for g in state.get("param_groups", []) for i in g["params"]):
         return state
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    names = [n for n, _ in trainable_named(model)]
     return {"state": {names[i]: v for i, v in state["state"].items()},
             "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
 
