@@ -86,6 +86,9 @@ def cmd_distill(args) -> None:
     if args.dry_run:
         return
     student = distill(cfg, resume=args.resume)
+    from .dist import is_main_process
+    if not is_main_process():  # one process evaluates and writes metrics.json
+        return
     print(f"student written to {student}")
     if cfg.eval_samples > 0 and (cfg.dataset not in (None, "fashion") or (student / "model_index.json").is_file()):
         # The metrics use the embedded test split, its prompts and its classifier: wrong for other data or models.
@@ -253,22 +256,26 @@ def main(argv: list[str] | None = None) -> int:
         user_errors += (DatasetError,)
     except ImportError:
         pass
+    code = 0
     try:
         args.fn(args)
     except user_errors as e:
         print(f"imagine-flash {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        code = 2
     except NonFiniteLoss as e:
         print(f"imagine-flash {args.command}: stopped: {e}", file=sys.stderr)
-        return 3
+        code = 3
     except OSError as e:  # e.g. a full disk: earlier checkpoints are untouched (writes go to *.tmp first)
         print(f"imagine-flash {args.command}: error: {e}", file=sys.stderr)
-        return 1
+        code = 1
     except KeyboardInterrupt:
         print(f"imagine-flash {args.command}: interrupted; the latest checkpoint is kept, rerun with --resume",
               file=sys.stderr)
-        return 130
-    return 0
+        code = 130
+    if "torch" in sys.modules:  # under torch.distributed (a launcher), leave before a gloo teardown abort
+        from .dist import finish
+        finish(code)
+    return code
 
 
 if __name__ == "__main__":
