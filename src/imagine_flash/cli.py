@@ -86,8 +86,8 @@ def cmd_distill(args) -> None:
     if args.dry_run:
         return
     student = distill(cfg, resume=args.resume)
-    from .dist import is_main_process
-    if not is_main_process():  # one process evaluates and writes metrics.json
+    from accelerate import PartialState
+    if not PartialState().is_main_process:  # under a launcher, one process evaluates and writes metrics.json
         return
     print(f"student written to {student}")
     if cfg.eval_samples > 0 and (cfg.dataset not in (None, "fashion") or (student / "model_index.json").is_file()):

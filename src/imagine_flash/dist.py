@@ -124,13 +124,6 @@ def all_finite(module: torch.nn.Module) -> torch.Tensor:
     return torch.stack(flags).all() if flags else torch.ones((), dtype=torch.bool)
 
 
-def is_main_process() -> bool:
-    """True unless torch.distributed runs and this process's rank is not 0."""
-    import torch.distributed as tdist
-
-    return not (tdist.is_available() and tdist.is_initialized()) or tdist.get_rank() == 0
-
-
 def finish(code: int = 0) -> None:
     """End a torch.distributed process now, with exit status `code`: destroy the group, flush, skip Python's finalisation.
 
