@@ -18,6 +18,7 @@ class PretrainConfig:
 
     out: str = "runs/teacher"  # run folder: checkpoints, sample grids, the exported model in model/
     variant: str = "tiny"  # network size, a key of models.UNET_VARIANTS
+    init: str | None = None  # a model folder whose UNet weights start the training (None: random init)
     resolution: int = 16  # image side in pixels
     data_dir: str | None = None  # folder with Fashion-MNIST gz IDX files (default: Debian's package)
     seed: int = 0  # seeds init, data order, noise and caption dropout
@@ -27,6 +28,9 @@ class PretrainConfig:
     weight_decay: float = 0.0  # AdamW weight decay
     max_steps: int = 8000  # total updates
     ema_decay: float = 0.999  # EMA of the weights; the exported teacher is the EMA
+    loss_weight: str = "eps"  # 'eps': plain eps-MSE (DDPM); 'trunc-snr': eps-MSE x max(1, 1/SNR), i.e. the larger of
+    # the eps and the x0 error (Salimans & Ho 2022), so that x0_hat near t = T is learned too
+    autocast: str = "no"  # 'bf16': bf16 autocast of the forward pass (fp32 weights and Adam); 'no': fp32
     cond_drop: float = 0.1  # probability of replacing the caption by "" (trains the unconditional branch for CFG)
     guidance_scale: float = 3.0  # default CFG scale stored with the teacher
     beta_schedule: str = "scaled_linear"  # 'scaled_linear' (SD/Emu) or 'linear'

@@ -16,7 +16,7 @@ from .data.text import MiniLMTextEncoder
 from .denoisers import Denoiser
 from .models import build_unet, save_model_folder
 from .sampling import scheduler_sample, teacher_scheduler
-from .schedule import make_schedule, q_sample
+from .schedule import eps_loss_weight, make_schedule, q_sample
 from .train import ema_update, load_checkpoint, save_checkpoint
 from .viz import grid_image, save_png
 
@@ -35,6 +35,9 @@ def teacher_grid(denoiser, text, sched_cfg, resolution: int, steps: int = 25, se
 
 
 def pretrain(cfg: PretrainConfig, resume: bool = False) -> Path:
+    eps_loss_weight(1.0, 0.5, cfg.loss_weight)  # a bad name fails here, before any work
+    if cfg.autocast not in ("no", "bf16"):
+        raise ValueError(f"autocast must be 'no' or 'bf16', not {cfg.autocast!r}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     run = Path(cfg.out)
@@ -48,6 +51,9 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> Path:
     sched_cfg = schedule_config(cfg)
     schedule = make_schedule(**sched_cfg)
     unet = build_unet(cfg.variant, cfg.resolution)
+    if cfg.init:  # e.g. continue the shipped teacher with another loss weighting
+        from .models import load_model_folder
+        unet.load_state_dict(load_model_folder(cfg.init)[0].float().state_dict())
     ema = copy.deepcopy(unet).requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     step = 0
@@ -76,8 +82,10 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> Path:
         t = torch.randint(0, cfg.num_train_timesteps, (B,))
         eps = torch.randn_like(x0)
         x_t = q_sample(x0, eps, schedule.alpha(t), schedule.sigma(t))
-        eps_hat = Denoiser(unet, schedule)(x_t, t, cond)
-        loss = (eps_hat - eps).square().mean()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.autocast == "bf16"):
+            eps_hat = Denoiser(unet, schedule)(x_t, t, cond).float()
+        w = eps_loss_weight(schedule.alpha(t), schedule.sigma(t), cfg.loss_weight).float()  # (B,)
+        loss = (w * (eps_hat - eps).square().mean(dim=(1, 2, 3))).mean()
         for g in opt.param_groups:
             g["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
         opt.zero_grad(set_to_none=True)

@@ -120,6 +120,17 @@ def truncated_snr_weight(alpha_t, sigma_t) -> torch.Tensor:
     return torch.clamp(torch.as_tensor(alpha_t) ** 2 / torch.as_tensor(sigma_t) ** 2, min=1.0)
 
 
+def eps_loss_weight(alpha_t, sigma_t, kind: str = "eps") -> torch.Tensor:
+    """Weight of the eps-MSE per timestep: 1 ('eps', DDPM) or max(1, sigma_t^2 / alpha_t^2) ('trunc-snr', Salimans
+    & Ho 2022: the larger of the eps and the x0 squared error, since |x0 - x0_hat| = sigma_t / alpha_t |eps - eps_hat|)."""
+    alpha_t, sigma_t = torch.as_tensor(alpha_t), torch.as_tensor(sigma_t)
+    if kind == "eps":
+        return torch.ones_like(alpha_t)
+    if kind == "trunc-snr":
+        return torch.clamp(sigma_t ** 2 / alpha_t ** 2, min=1.0)
+    raise ValueError(f"unknown loss weight {kind!r}; use 'eps' or 'trunc-snr'")
+
+
 def consistency_scalings(t, sigma_data: float = 0.5, timestep_scaling: float = 10.0):
     """LCM boundary-condition scalings (c_skip, c_out) at timestep t, as diffusers' LCMScheduler computes them."""
     st = torch.as_tensor(t, dtype=torch.float64) * timestep_scaling
