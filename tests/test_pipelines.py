@@ -323,3 +323,13 @@ def test_hub_id_teacher_from_the_hub_cache(tmp_path, sd_teacher):
     assert r.returncode == 2 and len(ours) == 1, r.stderr  # (huggingface_hub may add its own deprecation warning)
     assert "tiny-org/missing" in ours[0] and "HF_HUB_OFFLINE" in ours[0]
     assert "bitsandbytes" not in r.stderr and "gemm_4bit" not in r.stderr
+
+
+def test_cpu_native_bf16_is_read_from_cpuinfo_flags():
+    from imagine_flash.pipelines import cpu_has_native_bf16, resolve_dtype
+    assert cpu_has_native_bf16("processor: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_tile\n")
+    assert cpu_has_native_bf16("flags : sse amx_bf16\n")
+    assert not cpu_has_native_bf16("flags\t: fpu avx2 fma avx512f avx512bw\n")  # AVX512 without bf16: emulated
+    assert not cpu_has_native_bf16("")
+    assert resolve_dtype("auto", "cpu") == (torch.bfloat16 if cpu_has_native_bf16() else torch.float32)
+    assert resolve_dtype("fp32", "cpu") == torch.float32

@@ -154,3 +154,20 @@ def test_uniform_timesteps():
     out = uniform_timesteps(torch.tensor([990, 200]), 4)
     assert out.shape == (2, 4) and out.dtype == torch.long
     assert out.tolist() == [[990, 742, 495, 248], [200, 150, 100, 50]]
+
+
+def test_eps_loss_weight_is_the_larger_of_eps_and_x0_error():
+    from imagine_flash.schedule import eps_loss_weight
+    s = make_schedule()
+    t = torch.tensor([0, 300, 999])
+    a, sg = s.alpha(t), s.sigma(t)
+    w = eps_loss_weight(a, sg, "trunc-snr")
+    snr = ABAR[[0, 300, 999]] / (1 - ABAR[[0, 300, 999]])
+    np.testing.assert_allclose(w.numpy(), np.maximum(1.0, 1.0 / snr), rtol=1e-12)
+    # |x0 - x0_hat|^2 = (sigma/alpha)^2 |eps - eps_hat|^2: the weight is max(that factor, 1)
+    e = rand(3, 2, 2, 2)
+    x0_err = ((sg / a).reshape(-1, 1, 1, 1) * e).square().flatten(1).mean(1)
+    torch.testing.assert_close(w * e.square().flatten(1).mean(1), torch.maximum(x0_err, e.square().flatten(1).mean(1)))
+    assert torch.equal(eps_loss_weight(a, sg, "eps"), torch.ones(3, dtype=a.dtype))
+    with pytest.raises(ValueError, match="trunc-snr"):
+        eps_loss_weight(a, sg, "snr")

@@ -29,11 +29,25 @@ GUIDANCE_EMBED_DIM = 256  # LCM's w-embedding size; any even size works, the pro
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """True on CPUs with bf16 arithmetic in hardware (AVX512-BF16 or AMX-BF16 in /proc/cpuinfo's flags). Elsewhere
+    torch emulates bf16: measured on an AVX2-only AMD EPYC, a bf16 teacher forward was 17x slower than fp32."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return False
+    flags = {w for line in cpuinfo.splitlines() if line.startswith("flags") for w in line.split(":", 1)[1].split()}
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
 def resolve_dtype(name: str, device) -> torch.dtype:
-    """'auto': bf16 on a CUDA device that supports it, else fp16 on CUDA, fp32 on the CPU."""
+    """'auto': bf16 on a CUDA device that supports it, else fp16 on CUDA; on the CPU bf16 where the hardware has it
+    (cpu_has_native_bf16), else fp32."""
     if name == "auto":
         if torch.device(device).type != "cuda":
-            return torch.float32
+            return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if name not in DTYPES:
         raise ConfigError(f"teacher_dtype={name!r}: use auto, fp32, bf16 or fp16")
