@@ -144,7 +144,8 @@ class DistillConfig:
 
     out: str = "runs/flash"  # run folder: checkpoints, samples, logs, the student in student/, metrics.json
     teacher: str | None = None  # our model folder, a diffusers SD/SDXL pipeline folder or hub id (default: shipped)
-    teacher_dtype: str = "auto"  # frozen teacher, VAE, text encoders: auto (CUDA: bf16 if supported), fp32, bf16, fp16
+    teacher_dtype: str = "auto"  # frozen teacher, VAE, text encoders: auto (bf16 on CUDA and on CPUs with native bf16,
+    # else fp16 on CUDA, fp32 on CPU), fp32, bf16, fp16
     dataset: str | None = None  # None/'fashion' = embedded coloured Fashion-MNIST, or an imagefolder path
     method: str = "flash"  # the loss plugged into the loop: flash, lcm, add, progressive (see METHODS)
     variant: str = "full"  # a Table 3 ablation: full, no-nc, no-disc, no-backward, no-srl
