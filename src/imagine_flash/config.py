@@ -48,7 +48,7 @@ def schedule_config(cfg) -> dict:
             "beta_schedule": cfg.beta_schedule}
 
 
-def _coerce(tp, value: str, key: str):
+def _coerce(tp, value: str, key: str, source: str = "--set"):
     origin = typing.get_origin(tp)
     args = [a for a in typing.get_args(tp) if a is not type(None)]
     if value in ("None", "null") and (origin is typing.Union or str(origin) == "types.UnionType"):
@@ -69,22 +69,25 @@ def _coerce(tp, value: str, key: str):
             v = yaml.safe_load(value)
             return type(v)(v) if isinstance(v, (list, tuple)) else [v]
     except ValueError:
-        raise ConfigError(f"--set {key}={value}: expected {getattr(tp, '__name__', tp)}") from None
+        raise ConfigError(f"{key}={value!r} (from {source}): expected {getattr(tp, '__name__', tp)}") from None
     return value
 
 
-def apply_overrides(cfg, overrides: dict, source: str):
-    """Set fields from a dict (YAML or --set), with one-line errors for unknown keys or bad types."""
+def apply_overrides(cfg, overrides: dict, source: str, sources: dict | None = None):
+    """Set fields from a dict (YAML or --set), with one-line errors for unknown keys or unparsable strings; `sources`
+    records where each field came from (validation.validate checks types and ranges and names it)."""
     hints = typing.get_type_hints(type(cfg))
     names = {f.name for f in dataclasses.fields(cfg)}
     for key, value in overrides.items():
         if key not in names:
             raise ConfigError(f"{source}: unknown option {key!r} (known: {', '.join(sorted(names))})")
         if isinstance(value, str):
-            value = _coerce(hints[key], value, key)
+            value = _coerce(hints[key], value, key, source)
         elif isinstance(value, list) and typing.get_origin(hints[key]) is tuple:
             value = tuple(value)
         setattr(cfg, key, value)
+        if sources is not None:
+            sources[key] = source
     return cfg
 
 
