@@ -103,9 +103,9 @@ def cmd_distill(args) -> None:
     import json
     from pathlib import Path
 
-    from .config import ConfigError, DistillConfig, apply_method_defaults, resolve_variant
+    from .config import DistillConfig, apply_method_defaults, resolve_variant
     from .pipelines import HUB_ID
-    from .validation import check_installed, check_pretrained, teacher_facts, validate
+    from .validation import check_installed, check_pretrained, teacher_facts, validate, where
 
     cfg, explicit, sources = DistillConfig(), set(), {}
     direct = {"student_steps": args.student_steps, "max_steps": args.max_steps, "eval_samples": args.eval_samples,
@@ -113,21 +113,17 @@ def cmd_distill(args) -> None:
               "method": args.method, "variant": args.variant, "skip_bad_files": args.skip_bad_files or None,
               "lora_rank": args.lora_rank}
     cfg = _resolve(cfg, args, direct, explicit, sources)
-    where = {k: f"from {v}" for k, v in sources.items()}
     if isinstance(cfg.teacher, str) and not Path(cfg.teacher).exists() and not HUB_ID.fullmatch(cfg.teacher):
-        raise FileNotFoundError(f"teacher={cfg.teacher!r} ({where['teacher']}): no such folder")
+        raise FileNotFoundError(f"teacher={cfg.teacher!r} ({where(sources, 'teacher')}): no such folder")
     T, downscale = teacher_facts(cfg.teacher if isinstance(cfg.teacher, str) else None)
-    validate(cfg, sources, T)  # every setting, before any model or data is loaded
-    if cfg.resolution and cfg.resolution % downscale:
-        raise ConfigError(f"resolution={cfg.resolution} ({where['resolution']}): the teacher's VAE takes multiples "
-                          f"of {downscale} px")
+    validate(cfg, sources, T, downscale)  # every setting, before any model or data is loaded
     cfg = apply_method_defaults(cfg, explicit)
     if "out" not in explicit:
         cfg.out = f"runs/{cfg.method}-{cfg.variant}-{cfg.student_steps}step"
     resolve_variant(cfg)
     # Optional features that need something this machine may lack: refused now, not after the teacher has loaded.
     if cfg.disc_type == "projected" and cfg.adv_weight > 0:
-        check_pretrained(cfg.disc_features, f"disc_features ({where.get('disc_features', 'default')})")
+        check_pretrained(cfg.disc_features, f"disc_features ({where(sources, 'disc_features')})")
     if cfg.optimizer == "adam8bit":
         check_installed("optimizer=adam8bit (pip install 'imagine-flash[adam8bit]')", "bitsandbytes")
     print(json.dumps(dataclasses.asdict(cfg), indent=2))

@@ -14,7 +14,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class PretrainConfig:
-    """Training the embedded teacher: a text-conditional pixel UNet on coloured Fashion-MNIST."""
+    """Training the embedded teacher: a text-conditional pixel UNet on coloured Fashion-MNIST (ranges and choices:
+    validation.pretrain_rules)."""
 
     out: str = "runs/teacher"  # run folder: checkpoints, sample grids, the exported model in model/
     variant: str = "tiny"  # network size, a key of models.UNET_VARIANTS
@@ -143,7 +144,9 @@ METHODS = {  # the losses of the one loop, and the defaults each method changes 
 
 @dataclass
 class DistillConfig:
-    """Distilling a teacher into a few-step student with one of the methods of the one training loop."""
+    """Distilling a teacher into a few-step student with one of the methods of the one training loop.
+
+    Each field's range or choices: validation.distill_rules (checked by the CLI before any work starts)."""
 
     out: str = "runs/flash"  # run folder: checkpoints, samples, logs, the student in student/, metrics.json
     teacher: str | None = None  # our model folder, a diffusers SD/SDXL pipeline folder or hub id (default: shipped)

@@ -16,7 +16,7 @@ from .config import METHODS, VARIANTS, ConfigError, DistillConfig, PretrainConfi
 
 @dataclass(frozen=True)
 class Rule:
-    """A range or a set of choices: `ok(value)` for a value of the right type, `says` what a good value is."""
+    """A range or a set of choices: `ok(value)` for a value of the right type; `what` a good value is."""
 
     ok: Callable[[Any], bool]
     what: str  # "must be {what}"
@@ -73,22 +73,29 @@ def distill_rules(T: int = 1000) -> dict[str, Rule]:
 
     timestep = within(0, T)
     return {
+        # what and where
         "out": NONEMPTY, "teacher": NONEMPTY, "teacher_dtype": one_of("auto", "fp32", "bf16", "fp16"),
-        "dataset": NONEMPTY, "method": one_of(*METHODS), "variant": one_of(*VARIANTS),
-        "student_steps": within(1, T, closed=True), "student_timesteps": items(int, timestep, decreasing=True),
-        "noise_correction": ANY, "backward": ANY, "reconstruction": one_of("srl", "eq7", "none"), "k": POSITIVE,
-        "gamma_table": _gamma_table(T), "recon_step_weights": items(float, at_least(0)), "guidance_scale": at_least(0),
-        "rollout_weights": one_of("live", "ema"), "batch_size": POSITIVE, "grad_accum": POSITIVE, "lr": RATE,
-        "adam_betas": BETAS, "adv_weight": at_least(0), "disc_lr": RATE, "disc_betas": BETAS, "disc_t_max": timestep,
-        "disc_warmup": COUNT, "disc_type": one_of("unet", "projected"), "disc_features": NONEMPTY,
-        "max_steps": POSITIVE, "ema_decay": DECAY, "grad_clip": at_least(0), "mixed_precision": one_of("no", "fp16", "bf16"),
+        "dataset": NONEMPTY, "dataset_format": one_of(*DATASET_FORMATS), "image_column": NONEMPTY,
+        "caption_column": NONEMPTY, "dataset_split": NONEMPTY, "skip_bad_files": ANY, "resolution": POSITIVE,
+        # the method and its losses
+        "method": one_of(*METHODS), "variant": one_of(*VARIANTS), "student_steps": within(1, T, closed=True),
+        "student_timesteps": items(int, timestep, decreasing=True), "noise_correction": ANY, "backward": ANY,
+        "reconstruction": one_of("srl", "eq7", "none"), "k": POSITIVE, "gamma_table": _gamma_table(T),
+        "recon_step_weights": items(float, at_least(0)), "guidance_scale": at_least(0),
+        "rollout_weights": one_of("live", "ema"), "lcm_ddim_timesteps": within(1, T, closed=True),
+        "lcm_loss": one_of("l2", "huber"), "progressive_stages": POSITIVE,
+        # optimisation
+        "batch_size": POSITIVE, "grad_accum": POSITIVE, "lr": RATE, "adam_betas": BETAS, "max_steps": POSITIVE,
+        "ema_decay": DECAY, "grad_clip": at_least(0), "mixed_precision": one_of("no", "fp16", "bf16"),
+        "optimizer": one_of("adam", "adam8bit"), "gradient_checkpointing": ANY, "seed": COUNT, "threads": COUNT,
         "lora_rank": COUNT, "lora_alpha": above(0), "lora_targets": items(str, NONEMPTY),
-        "gradient_checkpointing": ANY, "optimizer": one_of("adam", "adam8bit"), "seed": COUNT, "ckpt_every": POSITIVE,
-        "sample_every": POSITIVE, "log_every": POSITIVE, "eval_samples": Rule(lambda v: v == 0 or v >= 2, "0 (no evaluation) or >= 2"), "eval_teacher_steps": POSITIVE,
-        "fid_reference": at_least(2), "eval_batch": POSITIVE, "threads": COUNT, "resolution": POSITIVE,
-        "lcm_ddim_timesteps": within(1, T, closed=True), "lcm_loss": one_of("l2", "huber"),
-        "progressive_stages": POSITIVE, "dataset_format": one_of(*DATASET_FORMATS), "image_column": NONEMPTY,
-        "caption_column": NONEMPTY, "dataset_split": NONEMPTY, "skip_bad_files": ANY,
+        # the discriminator
+        "adv_weight": at_least(0), "disc_lr": RATE, "disc_betas": BETAS, "disc_t_max": timestep,
+        "disc_warmup": COUNT, "disc_type": one_of("unet", "projected"), "disc_features": NONEMPTY,
+        # cadences and the evaluation
+        "ckpt_every": POSITIVE, "sample_every": POSITIVE, "log_every": POSITIVE,
+        "eval_samples": Rule(lambda v: v == 0 or v >= 2, "0 (no evaluation) or >= 2"),
+        "eval_teacher_steps": POSITIVE, "fid_reference": at_least(2), "eval_batch": POSITIVE,
     }
 
 
@@ -99,8 +106,9 @@ def pretrain_rules(T: int | None = None) -> dict[str, Rule]:
     return {
         "out": NONEMPTY, "variant": one_of(*UNET_VARIANTS), "init": NONEMPTY, "resolution": POSITIVE,
         "data_dir": NONEMPTY, "seed": COUNT, "batch_size": POSITIVE, "lr": RATE, "warmup_steps": COUNT,
-        "weight_decay": at_least(0), "max_steps": POSITIVE, "ema_decay": DECAY, "loss_weight": one_of("eps", "trunc-snr"),
-        "autocast": one_of("no", "bf16"), "cond_drop": within(0, 1, closed=True), "guidance_scale": at_least(0),
+        "weight_decay": at_least(0), "max_steps": POSITIVE, "ema_decay": DECAY,
+        "loss_weight": one_of("eps", "trunc-snr"), "autocast": one_of("no", "bf16"),
+        "cond_drop": within(0, 1, closed=True), "guidance_scale": at_least(0),
         "beta_schedule": one_of("scaled_linear", "linear"), "beta_start": within(0, 1), "beta_end": within(0, 1),
         "num_train_timesteps": at_least(2), "ckpt_every": POSITIVE, "sample_every": POSITIVE, "log_every": POSITIVE,
         "threads": COUNT,
@@ -131,7 +139,8 @@ def _kinds(hint) -> tuple[list[type], bool]:
     return [typing.get_origin(hint) or hint], False
 
 
-def _where(sources: dict, name: str) -> str:
+def where(sources: dict, name: str) -> str:
+    """Where a setting came from, for messages: 'from FILE.yaml', 'from --set', 'from --max-steps' or 'default'."""
     return f"from {sources[name]}" if name in sources else "default"
 
 
@@ -148,22 +157,25 @@ def check_value(name: str, value, hint, rule: Rule, source: str) -> None:
         raise ConfigError(f"{name}={value!r} ({source}): must be {rule.what}")
 
 
-def validate(cfg, sources: dict[str, str] | None = None, T: int | None = None) -> None:
-    """Every field of a DistillConfig or PretrainConfig, then the few that depend on each other."""
+def validate(cfg, sources: dict[str, str] | None = None, T: int | None = None, downscale: int = 1) -> None:
+    """Every field of a DistillConfig or PretrainConfig, then the few that depend on each other. T and downscale are
+    the teacher's (teacher_facts): its training timesteps and its VAE's pixels per latent."""
     sources = sources or {}
     T = T or getattr(cfg, "num_train_timesteps", None) or 1000
     rules = RULES[type(cfg)](T)
     hints = typing.get_type_hints(type(cfg))
     for f in dataclasses.fields(cfg):
-        check_value(f.name, getattr(cfg, f.name), hints[f.name], rules[f.name], _where(sources, f.name))
+        check_value(f.name, getattr(cfg, f.name), hints[f.name], rules[f.name], where(sources, f.name))
 
     def refuse(name: str, says: str):
-        raise ConfigError(f"{name}={getattr(cfg, name)!r} ({_where(sources, name)}): {says}")
+        raise ConfigError(f"{name}={getattr(cfg, name)!r} ({where(sources, name)}): {says}")
 
     if isinstance(cfg, PretrainConfig):
         if cfg.beta_end <= cfg.beta_start:
             refuse("beta_end", f"must be > beta_start={cfg.beta_start}")
         return
+    if cfg.resolution and cfg.resolution % downscale:
+        refuse("resolution", f"the teacher's VAE takes multiples of {downscale} px")
     if cfg.batch_size % cfg.grad_accum:
         refuse("batch_size", f"must be divisible by grad_accum={cfg.grad_accum}")
     if cfg.recon_step_weights is not None:
@@ -219,7 +231,7 @@ def teacher_facts(spec: str | None) -> tuple[int, int]:
 def check_pretrained(name: str, option: str) -> None:
     """An optional transformers model (a folder or a hub id) must be loadable here: a folder with config.json, or a
     hub id whose config resolves (from the local cache when offline). Cheap: no weights are read."""
-    from .pipelines import HUB_ID
+    from .pipelines import HUB_ID, _first_line
 
     p = Path(name)
     if p.exists() or not HUB_ID.fullmatch(name):
@@ -230,8 +242,8 @@ def check_pretrained(name: str, option: str) -> None:
         from transformers import AutoConfig
         AutoConfig.from_pretrained(name)
     except Exception as e:  # offline without a cached copy, unknown id: one line
-        line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ConfigError(f"{option} {name}: not available here (offline, or not in the local cache): {line}") from None
+        raise ConfigError(f"{option} {name}: not available here (offline, or not in the local cache): "
+                          f"{_first_line(e)}") from None
 
 
 def check_installed(option: str, *modules: str) -> None:
