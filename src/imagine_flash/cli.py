@@ -169,9 +169,8 @@ def cmd_evaluate(args) -> None:
     if args.clip_model:
         check_pretrained(args.clip_model, "--clip-model")
     if args.standard_fid:
-        check_installed(f"--standard-fid {args.standard_fid}",
-                        *{"clean-fid": ("cleanfid",), "torchmetrics": ("torchmetrics", "torch_fidelity")}[
-                            args.standard_fid])
+        packages = {"clean-fid": ("cleanfid",), "torchmetrics": ("torchmetrics", "torch_fidelity")}[args.standard_fid]
+        check_installed(f"--standard-fid {args.standard_fid}", *packages)
     import torch
 
     from .eval.metrics import evaluate_model
