@@ -12,14 +12,16 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
 
 
-def _resolve(cfg, args, direct: dict, explicit: set | None = None):
-    """YAML, then the command line's options, then --set; `explicit` collects the keys the user set."""
+def _resolve(cfg, args, direct: dict, explicit: set | None = None, sources: dict | None = None):
+    """YAML, then the command line's options, then --set; `explicit` collects the keys the user set, `sources` where
+    each came from (the YAML file, the flag such as --max-steps, or --set)."""
     from .config import apply_overrides, load_yaml, parse_sets
 
     layers = [(load_yaml(args.config), args.config)] if args.config else []
-    layers += [({k: v for k, v in direct.items() if v is not None}, "command line"), (parse_sets(args.set), "--set")]
+    layers += [({k: v}, "--" + k.replace("_", "-")) for k, v in direct.items() if v is not None]
+    layers += [(parse_sets(args.set), "--set")]
     for values, source in layers:
-        apply_overrides(cfg, values, source)
+        apply_overrides(cfg, values, source, sources)
         if explicit is not None:
             explicit.update(values)
     return cfg
@@ -30,31 +32,65 @@ def cmd_pretrain(args) -> None:
     import json
 
     from .config import PretrainConfig
-    from .pretrain import pretrain
+    from .validation import validate
 
-    cfg = _resolve(PretrainConfig(), args, {"out": args.out, "max_steps": args.max_steps, "seed": args.seed})
+    sources = {}
+    cfg = _resolve(PretrainConfig(), args, {"out": args.out, "max_steps": args.max_steps, "seed": args.seed},
+                   sources=sources)
+    validate(cfg, sources)
+    from .pretrain import pretrain
     print(json.dumps(dataclasses.asdict(cfg), indent=2))
     if args.dry_run:
         return
     print(pretrain(cfg, resume=args.resume))
 
 
+def _note(args, message: str) -> None:
+    print(f"imagine-flash {args.command}: note: {message}", file=sys.stderr)
+
+
+def _honoured_steps(args, runner, solver: str | None) -> int | None:
+    """--steps, or None where the model ignores it (a flash or progressive student samples at its trained timesteps);
+    says so on stderr, as it does for --no-noise-correction on a sampler without Eq. 9."""
+    solver = solver or runner.sampler
+    steps = args.steps
+    if steps is not None and runner.is_student and solver in ("flash", "ddim") and steps != runner.default_steps():
+        _note(args, f"--steps {steps} is ignored: this student samples at its {runner.default_steps()} trained "
+                    f"timesteps {runner.meta['timesteps']}")
+        steps = None
+    if args.no_noise_correction and solver != "flash":
+        _note(args, f"--no-noise-correction is ignored: the {solver} sampler has no noise correction (Eq. 9)")
+    return steps
+
+
+def _check_sampling_args(args, names) -> None:
+    """Counts and steps >= 1, seeds and threads >= 0, a finite guidance scale >= 0: before any model is loaded."""
+    from .validation import COUNT, POSITIVE, at_least, validate_args
+
+    rules = {"num_images": POSITIVE, "steps": POSITIVE, "seed": COUNT, "guidance_scale": at_least(0.0),
+             "scale": POSITIVE, "num_samples": at_least(2), "fid_reference": at_least(2), "batch": POSITIVE,
+             "threads": COUNT, "train_steps": POSITIVE}
+    validate_args(args, {n: rules[n] for n in names})
+
+
 def cmd_sample(args) -> None:
     import math
 
-    from .config import ConfigError
+    from .validation import check_out_file
+
+    _check_sampling_args(args, ("num_images", "steps", "seed", "guidance_scale", "scale"))
+    check_out_file(args.out, ".png")
     from .generate import ModelRunner
     from .viz import grid_image, save_png
 
-    if args.num_images < 1:
-        raise ConfigError("--num-images must be at least 1")
     runner = ModelRunner(args.model)
     if args.no_noise_correction and not runner.is_student:
         solver = "flash"  # the student sampler without Eq. 9 on a teacher, for comparisons
     else:
         solver = None
+    steps = _honoured_steps(args, runner, solver)
     images, seconds = runner.sample([args.prompt] * args.num_images, list(range(args.seed, args.seed + args.num_images)),
-                                    steps=args.steps, guidance_scale=args.guidance_scale, solver=solver,
+                                    steps=steps, guidance_scale=args.guidance_scale, solver=solver,
                                     noise_correction=False if args.no_noise_correction else None)
     ncol = min(args.num_images, max(1, math.ceil(math.sqrt(args.num_images))))
     save_png(grid_image(images, ncol=ncol, scale=args.scale), args.out)
@@ -68,23 +104,32 @@ def cmd_distill(args) -> None:
     from pathlib import Path
 
     from .config import DistillConfig, apply_method_defaults, resolve_variant
-    from .train import distill
+    from .pipelines import HUB_ID
+    from .validation import check_installed, check_pretrained, teacher_facts, validate, where
 
-    cfg, explicit = DistillConfig(), set()
+    cfg, explicit, sources = DistillConfig(), set(), {}
     direct = {"student_steps": args.student_steps, "max_steps": args.max_steps, "eval_samples": args.eval_samples,
               "seed": args.seed, "out": args.out, "teacher": args.teacher, "dataset": args.dataset,
               "method": args.method, "variant": args.variant, "skip_bad_files": args.skip_bad_files or None,
               "lora_rank": args.lora_rank}
-    cfg = apply_method_defaults(_resolve(cfg, args, direct, explicit), explicit)
+    cfg = _resolve(cfg, args, direct, explicit, sources)
+    if isinstance(cfg.teacher, str) and not Path(cfg.teacher).exists() and not HUB_ID.fullmatch(cfg.teacher):
+        raise FileNotFoundError(f"teacher={cfg.teacher!r} ({where(sources, 'teacher')}): no such folder")
+    T, downscale = teacher_facts(cfg.teacher if isinstance(cfg.teacher, str) else None)
+    validate(cfg, sources, T, downscale)  # every setting, before any model or data is loaded
+    cfg = apply_method_defaults(cfg, explicit)
     if "out" not in explicit:
         cfg.out = f"runs/{cfg.method}-{cfg.variant}-{cfg.student_steps}step"
     resolve_variant(cfg)
-    from .pipelines import HUB_ID
-    if args.teacher is not None and not Path(args.teacher).exists() and not HUB_ID.fullmatch(args.teacher):
-        raise FileNotFoundError(f"--teacher {args.teacher}: no such folder")
+    # Optional features that need something this machine may lack: refused now, not after the teacher has loaded.
+    if cfg.disc_type == "projected" and cfg.adv_weight > 0:
+        check_pretrained(cfg.disc_features, f"disc_features ({where(sources, 'disc_features')})")
+    if cfg.optimizer == "adam8bit":
+        check_installed("optimizer=adam8bit (pip install 'imagine-flash[adam8bit]')", "bitsandbytes")
     print(json.dumps(dataclasses.asdict(cfg), indent=2))
     if args.dry_run:
         return
+    from .train import distill
     student = distill(cfg, resume=args.resume)
     from accelerate import PartialState
     if not PartialState().is_main_process:  # under a launcher, one process evaluates and writes metrics.json
@@ -101,7 +146,12 @@ def cmd_distill(args) -> None:
 
 
 class _OneLineParser(argparse.ArgumentParser):
-    """argparse that reports bad input in one line (no usage dump), exit code 2."""
+    """argparse that reports bad input in one line (no usage dump), exit code 2; no prefix matching of long options
+    (allow_abbrev=False), so that a typo never silently means another option."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
@@ -111,6 +161,16 @@ def cmd_evaluate(args) -> None:
     import json
     from pathlib import Path
 
+    from .validation import check_installed, check_out_file, check_pretrained
+
+    _check_sampling_args(args, ("num_samples", "steps", "fid_reference", "guidance_scale", "batch", "threads"))
+    check_out_file(args.out, ".json")
+    # The optional metrics need a model or package this machine may lack: refused before generating anything.
+    if args.clip_model:
+        check_pretrained(args.clip_model, "--clip-model")
+    if args.standard_fid:
+        packages = {"clean-fid": ("cleanfid",), "torchmetrics": ("torchmetrics", "torch_fidelity")}[args.standard_fid]
+        check_installed(f"--standard-fid {args.standard_fid}", *packages)
     import torch
 
     from .eval.metrics import evaluate_model
@@ -120,25 +180,35 @@ def cmd_evaluate(args) -> None:
         torch.set_num_threads(args.threads)
     runner = ModelRunner(args.model)
     solver = args.solver or None
-    row, images = evaluate_model(runner, args.num_samples, steps=args.steps, fid_reference=args.fid_reference,
+    steps = _honoured_steps(args, runner, solver)
+    row, images = evaluate_model(runner, args.num_samples, steps=steps, fid_reference=args.fid_reference,
                                  batch=args.batch, solver=solver, guidance_scale=args.guidance_scale,
                                  noise_correction=False if args.no_noise_correction else None)
+    row = {"model": str(args.model or "shipped teacher"), "threads": torch.get_num_threads(),
+           "fid_reference_images": args.fid_reference, **row}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def write():
+        out.write_text(json.dumps(row, indent=2))
+
+    write()  # the computed metrics are kept, whatever an optional one below does
     if args.clip_model or args.standard_fid:
         from .data.fashion import eval_prompts
         from .eval import extras
         from .eval.metrics import real_reference
 
-        if args.clip_model:
-            row["clip_score"] = extras.clip_score(images, eval_prompts(len(images))[0], args.clip_model)
-            row["clip_model"] = args.clip_model
-        if args.standard_fid:
-            real, _, _ = real_reference(args.fid_reference, runner.resolution)
-            row[f"fid_{args.standard_fid}"] = extras.standard_fid(real, images, args.standard_fid)
-    row = {"model": str(args.model or "shipped teacher"), "threads": torch.get_num_threads(),
-           "fid_reference_images": args.fid_reference, **row}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(row, indent=2))
+        try:
+            if args.clip_model:
+                row["clip_score"] = extras.clip_score(images, eval_prompts(len(images))[0], args.clip_model)
+                row["clip_model"] = args.clip_model
+                write()
+            if args.standard_fid:
+                real, _, _ = real_reference(args.fid_reference, runner.resolution)
+                row[f"fid_{args.standard_fid}"] = extras.standard_fid(real, images, args.standard_fid)
+                write()
+        except extras.ExtraUnavailable as e:
+            raise extras.ExtraUnavailable(f"{e} (the metrics computed so far are in {out})") from None
     print(json.dumps(row, indent=2))
 
 
@@ -146,6 +216,7 @@ def cmd_benchmark(args) -> None:
     from .benchmark import BenchmarkConfig, quick_config, run_benchmark
     from .config import ConfigError
 
+    _check_sampling_args(args, ("num_samples", "fid_reference", "train_steps", "batch", "threads"))
     cfg = quick_config(args.out) if args.quick else BenchmarkConfig(out=args.out)
     for name in ("num_samples", "fid_reference", "train_steps", "batch", "threads", "teacher"):
         if getattr(args, name) is not None:

@@ -14,7 +14,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class PretrainConfig:
-    """Training the embedded teacher: a text-conditional pixel UNet on coloured Fashion-MNIST."""
+    """Training the embedded teacher: a text-conditional pixel UNet on coloured Fashion-MNIST (ranges and choices:
+    validation.pretrain_rules)."""
 
     out: str = "runs/teacher"  # run folder: checkpoints, sample grids, the exported model in model/
     variant: str = "tiny"  # network size, a key of models.UNET_VARIANTS
@@ -48,7 +49,7 @@ def schedule_config(cfg) -> dict:
             "beta_schedule": cfg.beta_schedule}
 
 
-def _coerce(tp, value: str, key: str):
+def _coerce(tp, value: str, key: str, source: str = "--set"):
     origin = typing.get_origin(tp)
     args = [a for a in typing.get_args(tp) if a is not type(None)]
     if value in ("None", "null") and (origin is typing.Union or str(origin) == "types.UnionType"):
@@ -69,22 +70,25 @@ def _coerce(tp, value: str, key: str):
             v = yaml.safe_load(value)
             return type(v)(v) if isinstance(v, (list, tuple)) else [v]
     except ValueError:
-        raise ConfigError(f"--set {key}={value}: expected {getattr(tp, '__name__', tp)}") from None
+        raise ConfigError(f"{key}={value!r} (from {source}): expected {getattr(tp, '__name__', tp)}") from None
     return value
 
 
-def apply_overrides(cfg, overrides: dict, source: str):
-    """Set fields from a dict (YAML or --set), with one-line errors for unknown keys or bad types."""
+def apply_overrides(cfg, overrides: dict, source: str, sources: dict | None = None):
+    """Set fields from a dict (YAML or --set), with one-line errors for unknown keys or unparsable strings; `sources`
+    records where each field came from (validation.validate checks types and ranges and names it)."""
     hints = typing.get_type_hints(type(cfg))
     names = {f.name for f in dataclasses.fields(cfg)}
     for key, value in overrides.items():
         if key not in names:
             raise ConfigError(f"{source}: unknown option {key!r} (known: {', '.join(sorted(names))})")
         if isinstance(value, str):
-            value = _coerce(hints[key], value, key)
+            value = _coerce(hints[key], value, key, source)
         elif isinstance(value, list) and typing.get_origin(hints[key]) is tuple:
             value = tuple(value)
         setattr(cfg, key, value)
+        if sources is not None:
+            sources[key] = source
     return cfg
 
 
@@ -140,7 +144,9 @@ METHODS = {  # the losses of the one loop, and the defaults each method changes 
 
 @dataclass
 class DistillConfig:
-    """Distilling a teacher into a few-step student with one of the methods of the one training loop."""
+    """Distilling a teacher into a few-step student with one of the methods of the one training loop.
+
+    Each field's range or choices: validation.distill_rules (checked by the CLI before any work starts)."""
 
     out: str = "runs/flash"  # run folder: checkpoints, samples, logs, the student in student/, metrics.json
     teacher: str | None = None  # our model folder, a diffusers SD/SDXL pipeline folder or hub id (default: shipped)
