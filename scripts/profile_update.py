@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
 import tempfile
 import time
@@ -188,14 +190,18 @@ def main() -> None:
         cfg.batch_size = args.batch
     apply_overrides(cfg, parse_sets(args.set), "--set")
     cfg.max_steps = args.warmup + args.updates
-    clock, ticks = Clock(), {"n": 0, "t": None, "end": None}
+    clock, ticks = Clock(), {"n": 0, "t": None}
 
     def on_update():
         ticks["n"] += 1
         if ticks["n"] == args.warmup:
             clock.on, ticks["t"] = True, time.perf_counter()
         elif ticks["n"] == args.warmup + args.updates:
-            clock.on, ticks["end"] = False, time.perf_counter()
+            clock.on = False
+            report(args, cfg, clock, (time.perf_counter() - ticks["t"]) / args.updates)
+            sys.stdout.flush()
+            shutil.rmtree(tmp, ignore_errors=True)  # the run folder and any generated SD pipeline
+            os._exit(0)  # the profile is complete: skip the run's final checkpoint, sample grid and export
     patch(clock, on_update)
     if dataset is None:  # the embedded data, loaded by distill itself
         from imagine_flash.data.fashion import ColoredFashion
@@ -203,23 +209,26 @@ def main() -> None:
     else:
         type(dataset).__getitem__ = clock.wrap(type(dataset).__getitem__, lambda *a, **k: ("data", 0))
     distill(cfg, dataset=dataset)
-    total = (ticks["end"] - ticks["t"]) / args.updates
+
+
+def report(args, cfg, clock: Clock, total: float) -> None:
+    """Print the profile of one update (seconds, share, NFE per image) and write it as JSON with --json."""
     parts = {p: clock.seconds[p] / args.updates for p in PARTS}
     parts["other"] = max(0.0, total - sum(parts.values()))
     nfe = {p: clock.rows[p] / args.updates / cfg.batch_size for p in ("teacher", "rollout", "student forward")}
     nets = parts["teacher"] + parts["rollout"] + parts["student forward"] + parts["discriminator"] + parts["backward"]
-    report = {"model": args.model, "threads": args.threads, "batch_size": cfg.batch_size, "updates": args.updates,
-              "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-              "settings": args.set, "seconds_per_update": total, "updates_per_second": 1 / total,
-              "parts_seconds": parts, "nfe_per_image": nfe, "share_outside_networks": 1 - nets / total}
+    out = {"model": args.model, "threads": args.threads, "batch_size": cfg.batch_size, "updates": args.updates,
+           "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+           "settings": args.set, "seconds_per_update": total, "updates_per_second": 1 / total,
+           "parts_seconds": parts, "nfe_per_image": nfe, "share_outside_networks": 1 - nets / total}
     print(f"{args.model}: {total:.3f} s per update ({1 / total:.2f} updates/s), batch {cfg.batch_size}, "
           f"{args.threads} thread(s), {args.set}")
     for p, s in parts.items():
         extra = f"  NFE/image {nfe[p]:.1f}" if p in nfe else ""
         print(f"  {p:16s} {s:8.3f} s  {100 * s / total:5.1f}%{extra}")
-    print(f"  outside network forward/backward: {100 * report['share_outside_networks']:.1f}%")
+    print(f"  outside network forward/backward: {100 * out['share_outside_networks']:.1f}%")
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
+        Path(args.json).write_text(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":
