@@ -49,10 +49,9 @@ def cmd_sample(args) -> None:
     if args.num_images < 1:
         raise ConfigError("--num-images must be at least 1")
     runner = ModelRunner(args.model)
-    if args.no_noise_correction and not runner.is_student:
-        solver = "flash"  # the student sampler without Eq. 9 on a teacher, for comparisons
-    else:
-        solver = None
+    # --no-noise-correction on a teacher: the student sampler without Eq. 9, for comparisons; a student's own
+    # sampler takes it as an option of its exported scheduler.
+    solver = "flash" if args.no_noise_correction and not runner.is_student else None
     images, seconds = runner.sample([args.prompt] * args.num_images, list(range(args.seed, args.seed + args.num_images)),
                                     steps=args.steps, guidance_scale=args.guidance_scale, solver=solver,
                                     noise_correction=False if args.no_noise_correction else None)
@@ -67,7 +66,8 @@ def cmd_distill(args) -> None:
     import json
     from pathlib import Path
 
-    from .config import DistillConfig, apply_method_defaults, resolve_variant
+    from .backend import is_main_process
+    from .config import DistillConfig, apply_method_defaults, resolve_variant, run_name
     from .train import distill
 
     cfg, explicit = DistillConfig(), set()
@@ -75,10 +75,9 @@ def cmd_distill(args) -> None:
               "seed": args.seed, "out": args.out, "teacher": args.teacher, "dataset": args.dataset,
               "method": args.method, "variant": args.variant, "skip_bad_files": args.skip_bad_files or None,
               "lora_rank": args.lora_rank}
-    cfg = apply_method_defaults(_resolve(cfg, args, direct, explicit), explicit)
+    cfg = resolve_variant(apply_method_defaults(_resolve(cfg, args, direct, explicit), explicit), explicit)
     if "out" not in explicit:
-        cfg.out = f"runs/{cfg.method}-{cfg.variant}-{cfg.student_steps}step"
-    resolve_variant(cfg)
+        cfg.out = run_name(cfg)
     from .pipelines import HUB_ID
     if args.teacher is not None and not Path(args.teacher).exists() and not HUB_ID.fullmatch(args.teacher):
         raise FileNotFoundError(f"--teacher {args.teacher}: no such folder")
@@ -86,8 +85,7 @@ def cmd_distill(args) -> None:
     if args.dry_run:
         return
     student = distill(cfg, resume=args.resume)
-    from accelerate import PartialState
-    if not PartialState().is_main_process:  # under a launcher, one process evaluates and writes metrics.json
+    if not is_main_process():  # under a launcher, one process evaluates and writes metrics.json
         return
     print(f"student written to {student}")
     if cfg.eval_samples > 0 and (cfg.dataset not in (None, "fashion") or (student / "model_index.json").is_file()):
@@ -113,11 +111,11 @@ def cmd_evaluate(args) -> None:
 
     import torch
 
+    from .backend import set_threads
     from .eval.metrics import evaluate_model
     from .generate import ModelRunner
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     runner = ModelRunner(args.model)
     solver = args.solver or None
     row, images = evaluate_model(runner, args.num_samples, steps=args.steps, fid_reference=args.fid_reference,
@@ -273,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         code = 130
     if "torch" in sys.modules:  # under torch.distributed (a launcher), leave before a gloo teardown abort
-        from .dist import finish
+        from .backend import finish
         finish(code)
     return code
 
