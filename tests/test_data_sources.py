@@ -12,7 +12,7 @@ from imagine_flash.cli import main
 from imagine_flash.config import ConfigError, DistillConfig
 from imagine_flash.data import data_options, load_dataset
 from imagine_flash.data.imagefolder import DatasetError, ImageFolderDataset
-from imagine_flash.data.prompts import PromptsDataset, check_prompts_only
+from imagine_flash.data.prompts import PromptsDataset
 from imagine_flash.data.webdataset import WebDataset, expand_braces
 
 R = 8
@@ -241,15 +241,23 @@ def test_prompts_file(tmp_path):
 
 
 def test_prompts_only_refuses_configs_that_need_images():
+    """The method says whether it needs images (Method.needs_images); the discriminator always does."""
+    from imagine_flash.losses import build_method
+    from imagine_flash.schedule import make_schedule
+    from imagine_flash.train import check_prompts_only
+
+    def check(cfg):
+        return check_prompts_only(cfg, build_method(cfg, make_schedule(), [999, 666, 333]))
+
     cfg = DistillConfig(dataset="p.txt")
-    msg = one_line(lambda: check_prompts_only(cfg), "p.txt", "adv_weight=0.05", "--set adv_weight=0", error=ConfigError)
+    msg = one_line(lambda: check(cfg), "p.txt", "adv_weight=0.05", "--set adv_weight=0", error=ConfigError)
     assert "backward" not in msg
     cfg.adv_weight, cfg.backward = 0.0, False
-    one_line(lambda: check_prompts_only(cfg), "backward=False", error=ConfigError)
+    one_line(lambda: check(cfg), "backward=False", error=ConfigError)
     cfg.backward = True
-    check_prompts_only(cfg)
+    check(cfg)
     cfg.method = "lcm"
-    one_line(lambda: check_prompts_only(cfg), "method=lcm", "--method flash", error=ConfigError)
+    one_line(lambda: check(cfg), "method=lcm", "--method flash", error=ConfigError)
 
 
 def test_prompts_only_distill_never_reads_data(tmp_path, tiny_teacher, monkeypatch):

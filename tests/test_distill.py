@@ -141,11 +141,11 @@ def test_failed_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
     """A write that dies half-way (a full disk, a kill) leaves the previous 'ckpt' complete and loadable."""
     import safetensors.torch
 
-    from imagine_flash import train
+    from imagine_flash import checkpoint
 
     net, opt = torch.nn.Linear(2, 2), None
     opt = torch.optim.Adam(net.parameters())
-    train.save_checkpoint(tmp_path, 1, {"student": net}, {"g": (net, opt)}, {})
+    checkpoint.save_checkpoint(tmp_path, 1, {"student": net}, {"g": (net, opt)}, {})
     before = {k: v.clone() for k, v in net.state_dict().items()}
     with torch.no_grad():
         net.weight.add_(1.0)
@@ -158,10 +158,10 @@ def test_failed_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
 
     monkeypatch.setattr(safetensors.torch, "save_file", dying_save)
     with pytest.raises(OSError):
-        train.save_checkpoint(tmp_path, 2, {"student": net}, {"g": (net, opt)}, {})
+        checkpoint.save_checkpoint(tmp_path, 2, {"student": net}, {"g": (net, opt)}, {})
     monkeypatch.setattr(safetensors.torch, "save_file", real)
     fresh = torch.nn.Linear(2, 2)
-    step = train.load_checkpoint(tmp_path, {"student": fresh}, {"g": (fresh, torch.optim.Adam(fresh.parameters()))})
+    step = checkpoint.load_checkpoint(tmp_path, {"student": fresh}, {"g": (fresh, torch.optim.Adam(fresh.parameters()))})
     assert step == 1 and calls["n"] == 1
     assert all(torch.equal(fresh.state_dict()[k], before[k]) for k in before)
 
@@ -190,7 +190,8 @@ def test_generator_step_leaves_the_discriminator_gradients_alone():
     from imagine_flash.denoisers import Denoiser
     from imagine_flash.losses.discriminator import HingeAdversarial
     from imagine_flash.schedule import make_schedule
-    from imagine_flash.train import Models, generator_step
+    from imagine_flash.losses import Models
+    from imagine_flash.train import generator_step
 
     S = make_schedule()
     disc = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 1))
@@ -272,7 +273,7 @@ def test_bf16_mixed_precision_runs_on_cpu(tmp_path, tiny_teacher, small_data):
 
 def test_index_keyed_optimizer_state_still_resumes(tmp_path):
     """A checkpoint whose optimiser state is keyed by index (earlier versions) loads into the by-name format."""
-    from imagine_flash import train
+    from imagine_flash import checkpoint
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
@@ -280,14 +281,14 @@ def test_index_keyed_optimizer_state_still_resumes(tmp_path):
     opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=1e-2)
     net(torch.randn(5, 3)).square().mean().backward()
     opt.step()
-    train.save_checkpoint(tmp_path, 1, {"student": net}, {}, {})
+    checkpoint.save_checkpoint(tmp_path, 1, {"student": net}, {}, {})
     st = torch.load(tmp_path / "ckpt" / "state.pt", weights_only=True)
     st["opts"] = {"g": opt.state_dict()}  # the old format
     torch.save(st, tmp_path / "ckpt" / "state.pt")
     fresh = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
     fresh[0].requires_grad_(False)
     opt2 = torch.optim.Adam([p for p in fresh.parameters() if p.requires_grad], lr=1e-2)
-    assert train.load_checkpoint(tmp_path, {"student": fresh}, {"g": (fresh, opt2)}) == 1
+    assert checkpoint.load_checkpoint(tmp_path, {"student": fresh}, {"g": (fresh, opt2)}) == 1
     for a, b in zip(opt.state_dict()["state"].values(), opt2.state_dict()["state"].values(), strict=True):
         assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
 
@@ -303,3 +304,22 @@ def test_shipped_config_presets_resolve(capsys):
     for p in presets:
         assert main(["distill", "--config", str(p), "--dry-run"]) == 0, p
     assert '"student_timesteps": [\n    999,\n    666,\n    333\n  ]' in capsys.readouterr().out
+
+
+def test_a_variant_never_overrides_an_explicit_setting(capsys):
+    """Presets: user > variant > method defaults > defaults; an explicit setting the variant contradicts is an
+    error in one line (it used to be overwritten silently), one that agrees is fine."""
+    from imagine_flash.config import ConfigError, apply_method_defaults, resolve_variant
+
+    assert main(["distill", "--variant", "no-disc", "--set", "adv_weight=0.1", "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "no-disc" in err and "adv_weight=0.1" in err
+    assert main(["distill", "--variant", "no-disc", "--set", "adv_weight=0", "--dry-run"]) == 0
+    capsys.readouterr()
+    assert main(["distill", "--method", "add", "--variant", "no-disc", "--dry-run"]) == 0  # over a method default
+    assert json.loads(capsys.readouterr().out)["adv_weight"] == 0.0
+    with pytest.raises(ConfigError, match="no-disc"):  # Python: a field off its method default counts as set
+        resolve_variant(DistillConfig(variant="no-disc", adv_weight=0.1))
+    assert resolve_variant(apply_method_defaults(DistillConfig(method="add", variant="no-disc"))).adv_weight == 0.0
+    cfg = DistillConfig(variant="no-backward")
+    assert resolve_variant(cfg).backward is False and cfg.backward is True  # a copy: the input is not changed

@@ -75,9 +75,10 @@ FSDP_WORKER = r'''
 import copy, sys
 import torch, torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
-from imagine_flash import train
+from imagine_flash import checkpoint
 from torch.distributed.tensor import DTensor
-from imagine_flash.dist import all_finite, finish, full_tensor
+from imagine_flash.backend import finish
+from imagine_flash.dist import all_finite, full_tensor
 
 dist.init_process_group("gloo")
 rank, run = dist.get_rank(), __import__("pathlib").Path(sys.argv[1])
@@ -104,13 +105,13 @@ ema_ref, ema_sh = copy.deepcopy(ref).requires_grad_(False), copy.deepcopy(ref).r
 opt_ref, opt_sh = torch.optim.Adam(ref.parameters(), 1e-2), torch.optim.Adam(sh.parameters(), 1e-2)
 for _ in range(3):
     step(ref, opt_ref); step(sh, opt_sh)
-    train.ema_update(ema_ref, ref, 0.9); train.ema_update(ema_sh, sh, 0.9)
+    checkpoint.ema_update(ema_ref, ref, 0.9); checkpoint.ema_update(ema_sh, sh, 0.9)
 close(full(sh), full(ref))
 close(list(ema_sh.parameters()), list(ema_ref.parameters()))  # the EMA of gathered shards = the unsharded EMA
 assert bool(all_finite(sh))
 
 # Checkpoint from the sharded run: every rank gathers, rank 0 writes whole tensors.
-train.save_checkpoint(run, 3, {"student": sh, "ema": ema_sh}, {"g": (sh, opt_sh)}, {}, write=rank == 0)
+checkpoint.save_checkpoint(run, 3, {"student": sh, "ema": ema_sh}, {"g": (sh, opt_sh)}, {}, write=rank == 0)
 dist.barrier()
 from safetensors.torch import load_file
 saved = load_file(run / "ckpt" / "student.safetensors")
@@ -119,12 +120,12 @@ close([saved[k] for k in ref.state_dict()], list(ref.state_dict().values()))
 # Resume into a fresh sharded model (weights before sharding, optimiser after) and into a plain one: one more step
 # of each equals one more step of the uninterrupted reference.
 fresh_sh, fresh_plain = make(), make()
-train.load_checkpoint(run, {"student": fresh_sh}, {})
+checkpoint.load_checkpoint(run, {"student": fresh_sh}, {})
 shard(fresh_sh)
 o_sh = torch.optim.Adam(fresh_sh.parameters(), 1e-2)
-assert train.load_checkpoint(run, {}, {"g": (fresh_sh, o_sh)}) == 3
+assert checkpoint.load_checkpoint(run, {}, {"g": (fresh_sh, o_sh)}) == 3
 o_plain = torch.optim.Adam(fresh_plain.parameters(), 1e-2)
-train.load_checkpoint(run, {"student": fresh_plain}, {"g": (fresh_plain, o_plain)})
+checkpoint.load_checkpoint(run, {"student": fresh_plain}, {"g": (fresh_plain, o_plain)})
 step(ref, opt_ref); step(fresh_sh, o_sh); step(fresh_plain, o_plain)
 close(full(fresh_sh), full(ref))
 close(full(fresh_plain), full(ref))
@@ -169,16 +170,16 @@ def test_backend_check(kind, fsdp2, lora, ds, cfg, message):
     from accelerate.utils import DistributedType
 
     from imagine_flash.config import ConfigError, DistillConfig
-    from imagine_flash.train import _check_backend
+    from imagine_flash.backend import check_backend
 
     acc = SimpleNamespace(distributed_type=DistributedType[kind], is_fsdp2=fsdp2,
                           state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=ds)))
     cfg = DistillConfig(lora_rank=lora, **cfg)
     if message is None:
-        _check_backend(acc, cfg)
+        check_backend(acc, cfg)
     else:
         with pytest.raises(ConfigError, match=message) as e:
-            _check_backend(acc, cfg)
+            check_backend(acc, cfg)
         assert "\n" not in str(e.value)
 
 
@@ -202,18 +203,18 @@ if "--fsdp-cpu" in sys.argv:  # accelerate enables FSDP on GPUs only: enable it 
         if self.distributed_type == DistributedType.MULTI_CPU and k.get("fsdp_plugin") is not None:
             self.distributed_type, self.fsdp_plugin = DistributedType.FSDP, k["fsdp_plugin"]
     AcceleratorState.__init__ = state_init
-from imagine_flash import train
+from imagine_flash import backend, train
 from imagine_flash.config import DistillConfig
 
 seen = {"engines": set()}
-real_ema_update, real_is_engine = train.ema_update, train._is_engine
+real_ema_update, real_is_engine = train.ema_update, backend._is_engine
 def record(ema, net, decay):
     seen["student"] = net
     real_ema_update(ema, net, decay)
 def is_engine(model):
     seen["engines"].add(bool(real_is_engine(model)))
     return real_is_engine(model)
-train.ema_update, train._is_engine = record, is_engine
+train.ema_update, backend._is_engine = record, is_engine
 out, teacher, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
 cfg = DistillConfig(out=out, teacher=teacher, batch_size=4, grad_accum=2, k=2, max_steps=steps, ckpt_every=2,
                     sample_every=100, log_every=1, eval_samples=0, adv_weight=0.1, threads=1)
@@ -225,7 +226,7 @@ weights = full_state_dict(seen["student"])
 save_file(weights, f"{out}/final{rank}.safetensors")
 open(f"{out}/sharded{rank}.json", "w").write(json.dumps(all(isinstance(p, DTensor) for p in seen["student"].parameters())))
 open(f"{out}/engines{rank}.json", "w").write(json.dumps(sorted(seen["engines"])))
-from imagine_flash.dist import finish
+from imagine_flash.backend import finish
 finish(0)  # exit before interpreter teardown: gloo can abort there (pytorch/pytorch#190489)
 '''
 

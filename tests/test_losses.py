@@ -31,8 +31,8 @@ class Recorder:
 
 
 def call(loss, student, rollout, teacher, *args):
-    """Run a method's loss with the denoisers it may use (train.Models)."""
-    from imagine_flash.train import Models
+    """Run a method's loss with the denoisers it may use (losses.Models)."""
+    from imagine_flash.losses import Models
     return loss(Models(student=student, rollout=rollout, teacher=teacher, ema=None, schedule=S, disc=None), *args)
 
 
@@ -150,7 +150,7 @@ def test_recon_step_weights_must_match_the_steps():
     import pytest
 
     from imagine_flash.config import ConfigError, DistillConfig
-    from imagine_flash.train import build_method
+    from imagine_flash.losses import build_method
 
     with pytest.raises(ConfigError, match="recon_step_weights"):
         build_method(DistillConfig(recon_step_weights=(1.0, 2.0)), S, [999, 750, 500])

@@ -15,6 +15,9 @@ from pathlib import Path
 
 import torch
 
+from .backend import set_threads
+from .checkpoint import atomic_path
+
 GRID_INDICES = [0, 9, 18, 27, 36, 45, 54, 63]  # eval prompt i = (class i // 8, colour i % 8): 8 classes, 8 colours
 
 
@@ -90,7 +93,7 @@ def train_students(cfg: BenchmarkConfig) -> dict[str, dict]:
                 dc.max_steps = cfg.train_steps
             for k, v in cfg.distill_overrides.items():
                 setattr(dc, k, v)
-            resolve_variant(dc)
+            dc = resolve_variant(dc)
             print(f"benchmark: training {key} ({method}, {variant}, {steps} steps, {dc.max_steps} updates)", flush=True)
             distill(dc, resume=True)
         out[key] = {"path": run / "student", "train_minutes": json.loads(done.read_text())["train_minutes"]}
@@ -106,7 +109,7 @@ def measure_rows(cfg: BenchmarkConfig, students: dict) -> list[dict]:
     from .eval.fid import InceptionFeatures
     from .eval.metrics import evaluate_model
     from .generate import ModelRunner
-    from .train import default_teacher
+    from .models import default_teacher
 
     rows_dir = Path(cfg.out) / "rows"
     rows_dir.mkdir(parents=True, exist_ok=True)
@@ -135,9 +138,8 @@ def measure_rows(cfg: BenchmarkConfig, students: dict) -> list[dict]:
                "train_minutes": students[row.student]["train_minutes"] if row.student else None}
         idx = [i for i in GRID_INDICES if i < len(images)]
         save_file({"images": to_uint8(images[idx]).contiguous()}, rows_dir / f"{row.key}.safetensors")
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(rec, indent=2))
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(rec, indent=2))
         results.append(rec)
     ref = results[0]
     ref_align = (ref["color_acc"] + ref["class_acc"]) / 2
@@ -150,10 +152,9 @@ def measure_rows(cfg: BenchmarkConfig, students: dict) -> list[dict]:
 def run_benchmark(cfg: BenchmarkConfig) -> dict:
     """The whole protocol; returns results.json's content."""
     from .models import load_model_folder
-    from .train import default_teacher
+    from .models import default_teacher
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    set_threads(cfg.threads)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "benchmark_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
@@ -169,9 +170,8 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict:
                 "train_steps": cfg.train_steps, "distill_overrides": cfg.distill_overrides,
                 "wall_minutes_this_invocation": (time.time() - t0) / 60}
     results = {"protocol": protocol, "rows": [{k: v for k, v in r.items() if k != "sampler"} for r in rows]}
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=2))
-    tmp.replace(out / "results.json")
+    with atomic_path(out / "results.json") as tmp:
+        tmp.write_text(json.dumps(results, indent=2))
     (out / "results.md").write_text(results_markdown(results, rows))
     plots(rows, out)
     grid(rows, out)

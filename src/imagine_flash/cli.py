@@ -84,10 +84,9 @@ def cmd_sample(args) -> None:
     from .viz import grid_image, save_png
 
     runner = ModelRunner(args.model)
-    if args.no_noise_correction and not runner.is_student:
-        solver = "flash"  # the student sampler without Eq. 9 on a teacher, for comparisons
-    else:
-        solver = None
+    # --no-noise-correction on a teacher: the student sampler without Eq. 9, for comparisons; a student's own
+    # sampler takes it as an option of its exported scheduler.
+    solver = "flash" if args.no_noise_correction and not runner.is_student else None
     steps = _honoured_steps(args, runner, solver)
     images, seconds = runner.sample([args.prompt] * args.num_images, list(range(args.seed, args.seed + args.num_images)),
                                     steps=steps, guidance_scale=args.guidance_scale, solver=solver,
@@ -103,7 +102,8 @@ def cmd_distill(args) -> None:
     import json
     from pathlib import Path
 
-    from .config import DistillConfig, apply_method_defaults, resolve_variant
+    from .backend import is_main_process
+    from .config import DistillConfig, apply_method_defaults, resolve_variant, run_name
     from .pipelines import HUB_ID
     from .validation import check_installed, check_pretrained, teacher_facts, validate, where
 
@@ -119,8 +119,8 @@ def cmd_distill(args) -> None:
     validate(cfg, sources, T, downscale)  # every setting, before any model or data is loaded
     cfg = apply_method_defaults(cfg, explicit)
     if "out" not in explicit:
-        cfg.out = f"runs/{cfg.method}-{cfg.variant}-{cfg.student_steps}step"
-    resolve_variant(cfg)
+        cfg.out = run_name(cfg)
+    cfg = resolve_variant(cfg, explicit)
     # Optional features that need something this machine may lack: refused now, not after the teacher has loaded.
     if cfg.disc_type == "projected" and cfg.adv_weight > 0:
         check_pretrained(cfg.disc_features, f"disc_features ({where(sources, 'disc_features')})")
@@ -131,8 +131,7 @@ def cmd_distill(args) -> None:
         return
     from .train import distill
     student = distill(cfg, resume=args.resume)
-    from accelerate import PartialState
-    if not PartialState().is_main_process:  # under a launcher, one process evaluates and writes metrics.json
+    if not is_main_process():  # under a launcher, one process evaluates and writes metrics.json
         return
     print(f"student written to {student}")
     if cfg.eval_samples > 0 and (cfg.dataset not in (None, "fashion") or (student / "model_index.json").is_file()):
@@ -173,11 +172,11 @@ def cmd_evaluate(args) -> None:
         check_installed(f"--standard-fid {args.standard_fid}", *packages)
     import torch
 
+    from .backend import set_threads
     from .eval.metrics import evaluate_model
     from .generate import ModelRunner
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     runner = ModelRunner(args.model)
     solver = args.solver or None
     steps = _honoured_steps(args, runner, solver)
@@ -344,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         code = 130
     if "torch" in sys.modules:  # under torch.distributed (a launcher), leave before a gloo teardown abort
-        from .dist import finish
+        from .backend import finish
         finish(code)
     return code
 

@@ -208,17 +208,43 @@ class DistillConfig:
 
 def apply_method_defaults(cfg: DistillConfig, explicit: set[str] = frozenset()) -> DistillConfig:
     """Set the defaults of cfg.method (METHODS) on every field the user did not set explicitly."""
-    if cfg.method not in METHODS:
-        raise ConfigError(f"unknown method {cfg.method!r}; choose one of {', '.join(METHODS)}")
+    _check_name("method", cfg.method, METHODS)
     for k, v in METHODS[cfg.method].items():
         if k not in explicit:
             setattr(cfg, k, v)
     return cfg
 
 
-def resolve_variant(cfg: DistillConfig) -> DistillConfig:
-    if cfg.variant not in VARIANTS:
-        raise ConfigError(f"unknown variant {cfg.variant!r}; choose one of {', '.join(VARIANTS)}")
+def _check_name(kind: str, name: str, known: dict) -> None:
+    if name not in known:
+        raise ConfigError(f"unknown {kind} {name!r}; choose one of {', '.join(known)}")
+
+
+def resolve_variant(cfg: DistillConfig, explicit: set[str] | None = None) -> DistillConfig:
+    """A copy of cfg with its variant applied: one precedence rule for presets, user > variant > METHODS > defaults.
+
+    A setting the user made explicitly (`explicit`; None: every field that differs from its method default) that the
+    variant contradicts is an error, not silently overwritten (--variant no-disc --set adv_weight=0.1)."""
+    _check_name("variant", cfg.variant, VARIANTS)
+    _check_name("method", cfg.method, METHODS)
+    if explicit is None:
+        base = {**dataclasses.asdict(DistillConfig()), **METHODS[cfg.method]}
+        explicit = {k for k in VARIANTS[cfg.variant] if getattr(cfg, k) != base[k]}
     for k, v in VARIANTS[cfg.variant].items():
-        setattr(cfg, k, v)
-    return cfg
+        if k in explicit and getattr(cfg, k) != v:
+            raise ConfigError(f"--variant {cfg.variant} sets {k}={v!r}, which contradicts {k}={getattr(cfg, k)!r}: "
+                              "drop one of them")
+    return dataclasses.replace(cfg, **VARIANTS[cfg.variant])
+
+
+def run_name(cfg: DistillConfig) -> str:
+    """The default run folder: runs/<method>-<variant>-<n>step."""
+    return f"runs/{cfg.method}-{cfg.variant}-{cfg.student_steps}step"
+
+
+def method_class(cfg: DistillConfig):
+    """The Method class of cfg.method (losses.registry()): the one place a method's name picks its code."""
+    from .losses import registry
+
+    _check_name("method", cfg.method, METHODS)
+    return registry()[cfg.method]

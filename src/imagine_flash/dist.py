@@ -123,24 +123,3 @@ def all_finite(module: torch.nn.Module) -> torch.Tensor:
     flags = [torch.isfinite(local_tensor(p.detach())).all() for p in module.parameters()]
     return torch.stack(flags).all() if flags else torch.ones((), dtype=torch.bool)
 
-
-def finish(code: int = 0) -> None:
-    """End a torch.distributed process now, with exit status `code`: destroy the group, flush, skip Python's finalisation.
-
-    Left to interpreter exit, a gloo group can abort a process whose work is all done (SIGABRT, 'terminate called
-    without an active exception'): a gloo worker thread frees a finished collective's tensors and needs the GIL after
-    finalisation began (pytorch/pytorch#190489). destroy_process_group alone does not stop those threads while FSDP or
-    DTensor objects still hold the group. Every file this library writes is closed before this runs.
-    Returns (does nothing) when torch.distributed is not initialised.
-    """
-    import os
-    import sys
-
-    import torch.distributed as tdist
-
-    if not (tdist.is_available() and tdist.is_initialized()):
-        return
-    tdist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)

@@ -12,14 +12,16 @@ from .schedule import make_schedule
 
 
 class ModelRunner:
-    """A model folder or diffusers pipeline ready to sample: a student samples with FlashScheduler at its trained
-    timesteps, a teacher with DPM-Solver++ (or DDIM) and CFG. Images are decoded by the model's encoder."""
+    """A model folder or diffusers pipeline ready to sample: a student samples with the scheduler its run exported
+    (its method's sampler) at its trained timesteps, a teacher with DPM-Solver++ (or DDIM) and CFG. Images are
+    decoded by the model's encoder."""
 
     def __init__(self, path: str | Path | None = None, bundle=None, text=None):
         from .pipelines import load_bundle
 
         bundle = bundle or load_bundle(path, text=text)
         self.unet, self.sched_cfg, self.meta = bundle.unet, bundle.schedule_config, bundle.meta
+        self.source = bundle.source  # the folder (or hub id) holding scheduler/
         self.unet.eval().requires_grad_(False)
         self.schedule = make_schedule(**self.sched_cfg)
         self.is_student = self.meta.get("kind") == "imagine-flash student"
@@ -37,19 +39,19 @@ class ModelRunner:
         return self.meta.get("sampler", "flash") if self.is_student else "dpmpp"
 
     def scheduler(self, steps: int, solver: str | None = None, noise_correction: bool | None = None):
+        """The model's own sampler: a student's exported scheduler/ (at any step count: the runner picks the
+        timesteps), a teacher's DPM-Solver++. Or `solver`: 'flash' (Eq. 4 with Eq. 9, at a student's timesteps),
+        'ddim' (a student: the same without Eq. 9) or 'dpmpp'."""
+        from .models import load_scheduler
         from .sampling import teacher_scheduler
         from .scheduler import FlashScheduler
 
-        solver = solver or self.sampler
-        if solver == "lcm":
-            from diffusers import LCMScheduler
-            return LCMScheduler(**self.sched_cfg, prediction_type="epsilon", clip_sample=False, set_alpha_to_one=True,
-                                original_inference_steps=int(self.meta.get("lcm_ddim_timesteps", 50)))
-        if solver == "ddim" and self.is_student:  # progressive: DDIM through its own timesteps
-            return FlashScheduler(**self.sched_cfg, noise_correction=False, timesteps=self.meta.get("timesteps"))
-        if solver == "flash":
+        if solver is None and self.is_student:
+            return load_scheduler(self.source, fixed_timesteps=False, noise_correction=noise_correction)
+        solver = solver or "dpmpp"
+        if solver == "flash" or (solver == "ddim" and self.is_student):
             nc = self.meta.get("noise_correction", True) if noise_correction is None else noise_correction
-            return FlashScheduler(**self.sched_cfg, noise_correction=nc,
+            return FlashScheduler(**self.sched_cfg, noise_correction=solver == "flash" and nc,
                                   timesteps=self.meta.get("timesteps") if self.is_student else None)
         return teacher_scheduler(solver, self.sched_cfg)
 

@@ -41,15 +41,12 @@ def save_model_folder(out: str | Path, unet, schedule_config: dict, meta: dict, 
     if scheduler is None:
         scheduler = DDIMScheduler(**schedule_config, prediction_type="epsilon", clip_sample=False,
                                   timestep_spacing="trailing")
-    out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        import shutil
-        shutil.rmtree(tmp)
-    getattr(unet, "module", unet).save_pretrained(tmp / "unet", safe_serialization=True)
-    scheduler.save_pretrained(tmp / "scheduler")
-    (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
-    _replace_dir(tmp, out)
+    from .checkpoint import atomic_path
+
+    with atomic_path(out) as tmp:
+        getattr(unet, "module", unet).save_pretrained(tmp / "unet", safe_serialization=True)
+        scheduler.save_pretrained(tmp / "scheduler")
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
 
 
 def save_student(out: str | Path, unet, schedule_config: dict, timesteps, scheduler, meta: dict) -> None:
@@ -72,17 +69,22 @@ def student_scheduler(schedule_config: dict, timesteps, noise_correction: bool):
                           fixed_timesteps=True)
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Swap a finished folder into place so a killed write never leaves a broken one."""
-    import shutil
-    old = out.with_name(out.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    if old.exists():
-        shutil.rmtree(old)
+def default_teacher() -> Path:
+    """The shipped teacher's model folder."""
+    return Path(__file__).parent / "assets" / "teacher"
+
+
+def load_scheduler(folder: str | Path, **overrides):
+    """The scheduler a model folder or pipeline saved in scheduler/ (FlashScheduler or a diffusers one), with those
+    of `overrides` that its config has and that are not None."""
+    import diffusers
+
+    from .scheduler import FlashScheduler
+
+    config = json.loads((Path(folder) / "scheduler" / "scheduler_config.json").read_text())
+    name = config["_class_name"]
+    cls = FlashScheduler if name == FlashScheduler.__name__ else getattr(diffusers, name)
+    return cls.from_config(config, **{k: v for k, v in overrides.items() if k in config and v is not None})
 
 
 def load_model_folder(path: str | Path, dtype=torch.float32):

@@ -20,7 +20,8 @@ import torch
 from .config import ConfigError
 from .denoisers import Cond
 from .encoders import PixelEncoder, VAEEncoder
-from .models import (META_FILE, ModelFolderError, _replace_dir, cast, load_model_folder, read_meta, save_student,
+from .checkpoint import atomic_path
+from .models import (META_FILE, ModelFolderError, cast, default_teacher, load_model_folder, read_meta, save_student,
                      schedule_config_from)
 
 PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
@@ -82,8 +83,6 @@ def load_bundle(spec: str | Path | None = None, dtype: torch.dtype = torch.float
     The UNet stays float32 (a student is initialised from it); the VAE and text encoders are cast to dtype. `text`
     replaces the MiniLM encoder of our folders; a pipeline always brings its own.
     """
-    from .train import default_teacher
-
     spec = str(spec or default_teacher())
     path = Path(spec)
     if (path / "model_index.json").is_file() or (not path.exists() and HUB_ID.fullmatch(spec)):
@@ -256,13 +255,12 @@ def save_student_pipeline(out: Path, bundle: ModelBundle, unet, sched, meta: dic
     for m in pipe.components.values():  # the teacher's components as stored may be fp16: export float32 throughout
         if isinstance(m, torch.nn.Module):
             cast(m, dtype=torch.float32)
-    tmp = _fresh_tmp(out)
     # model_index.json names the scheduler ["imagine_flash.scheduler", "FlashScheduler"]: diffusers resolves it from
     # sys.modules (it never imports a module a folder names) and finds its loader base class in that module's
     # namespace, so FlashScheduler must stay in imagine_flash/scheduler.py for saved pipelines to keep loading.
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
-    _replace_dir(tmp, out)
+    with atomic_path(out) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
 
 
 def save_lora(out: Path, bundle: ModelBundle, lora_config, lora_state: dict, scheduler, meta: dict) -> None:
@@ -272,19 +270,9 @@ def save_lora(out: Path, bundle: ModelBundle, lora_config, lora_state: dict, sch
     from diffusers.utils import convert_state_dict_to_diffusers
 
     cls = StableDiffusionXLPipeline if bundle.pipeline == "StableDiffusionXLPipeline" else StableDiffusionPipeline
-    tmp = _fresh_tmp(out)
-    cls.save_lora_weights(tmp, unet_lora_layers=convert_state_dict_to_diffusers(lora_state), safe_serialization=True,
-                          unet_lora_adapter_metadata=lora_config.to_dict())
-    scheduler.save_pretrained(tmp / "scheduler")
-    (tmp / META_FILE).write_text(json.dumps({**meta, "kind": "imagine-flash student LoRA", "base": bundle.source},
-                                            indent=2))
-    _replace_dir(tmp, out)
-
-
-def _fresh_tmp(out: Path) -> Path:
-    import shutil
-
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    return tmp
+    with atomic_path(out) as tmp:
+        cls.save_lora_weights(tmp, unet_lora_layers=convert_state_dict_to_diffusers(lora_state),
+                              safe_serialization=True, unet_lora_adapter_metadata=lora_config.to_dict())
+        scheduler.save_pretrained(tmp / "scheduler")
+        (tmp / META_FILE).write_text(json.dumps({**meta, "kind": "imagine-flash student LoRA", "base": bundle.source},
+                                                indent=2))

@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from .backend import set_threads
+from .checkpoint import ema_update, load_checkpoint, save_checkpoint
 from .config import PretrainConfig, save_config, schedule_config
 from .data.fashion import COLORS, CLASSES, ColoredFashion, caption
 from .data.text import MiniLMTextEncoder
@@ -17,7 +19,6 @@ from .denoisers import Denoiser
 from .models import build_unet, save_model_folder
 from .sampling import scheduler_sample, teacher_scheduler
 from .schedule import eps_loss_weight, make_schedule, q_sample
-from .train import ema_update, load_checkpoint, save_checkpoint
 from .viz import grid_image, save_png
 
 
@@ -38,8 +39,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> Path:
     eps_loss_weight(1.0, 0.5, cfg.loss_weight)  # a bad name fails here, before any work
     if cfg.autocast not in ("no", "bf16"):
         raise ValueError(f"autocast must be 'no' or 'bf16', not {cfg.autocast!r}")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    set_threads(cfg.threads)
     run = Path(cfg.out)
     run.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run / "config.json")

@@ -1,84 +1,34 @@
-"""The one training loop (HF accelerate): generator_step, discriminator_step, EMA, atomic checkpoints, exact resume.
+"""The one training loop: build the run (build_run), train it (train_loop), export the student (export_run).
 
-Methods are losses plugged in through `build_method`; the loop knows nothing of their internals.
+A method is a `losses.Method` object and the processes are a `backend.Backend`: the loop knows nothing of the
+internals of either. Checkpoints and the EMA live in checkpoint.py.
 """
 from __future__ import annotations
 
-import contextlib
 import csv
+import dataclasses
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
 
-from .config import METHODS, ConfigError, DistillConfig, resolve_variant, save_config
+from .backend import Backend, set_threads
+from .checkpoint import ema_update, load_checkpoint, save_checkpoint, saved_seconds
+from .config import ConfigError, DistillConfig, method_class, resolve_variant, save_config
 from .denoisers import Denoiser
-from .dist import all_finite, full_state_dict, load_optimizer_state, optimizer_state, trainable_full, trainable_named
+from .dist import all_finite
 from .encoders import PixelEncoder
+from .losses import Method, Models, build_method
 from .rng import Shard
-from .schedule import STUDENT_TIMESTEPS, Schedule, make_schedule, trailing_timesteps
+from .schedule import make_schedule
 
 
 class NonFiniteLoss(RuntimeError):
     pass
-
-
-@dataclass
-class Models:
-    """Everything a method's loss may use. Denoisers only: the loss never sees a raw network."""
-
-    student: Denoiser  # live student, no CFG (CFG is distilled in)
-    rollout: Denoiser  # the weights that run the no-grad backward rollout (live or EMA)
-    teacher: Denoiser  # frozen teacher with CFG
-    ema: Denoiser | None  # EMA of the student, no CFG (LCM's target network, progressive's next teacher)
-    schedule: Schedule
-    disc: torch.nn.Module | None
-
-
-def student_timesteps(cfg: DistillConfig) -> list[int]:
-    """The student's timesteps: explicit ones, the paper's for flash at 1-3 steps, else n trailing timesteps."""
-    if cfg.student_timesteps:
-        return [int(t) for t in cfg.student_timesteps]
-    if cfg.method == "flash" and cfg.student_steps in STUDENT_TIMESTEPS:
-        return list(STUDENT_TIMESTEPS[cfg.student_steps])
-    if cfg.method == "lcm":
-        from .losses.lcm import lcm_timesteps
-        return lcm_timesteps(cfg.student_steps, cfg.lcm_ddim_timesteps)
-    if cfg.student_steps < 1:
-        raise ConfigError(f"student_steps={cfg.student_steps}: must be at least 1")
-    return trailing_timesteps(cfg.student_steps)
-
-
-def build_method(cfg: DistillConfig, schedule: Schedule, timesteps: list[int], teacher_net=None):
-    """The loss of cfg.method, built from the config. Every method is a loss of the same loop, with:
-
-    __call__(models, x0_real, cond, gen) -> {'recon': (B,) per-sample loss, 'x0_student': x0_hat with grad};
-    `sampler`, export_scheduler(schedule_config, timesteps); optionally nets() (extra state for the
-    checkpoint) and begin_step(step, models).
-    """
-    w = cfg.recon_step_weights
-    if w is not None and (cfg.method != "flash" or len(w) != len(timesteps) or min(w) < 0):
-        raise ConfigError(f"recon_step_weights={list(w)}: method flash takes one weight >= 0 per student step "
-                          f"({len(timesteps)} here)")
-    if cfg.method == "flash":
-        from .losses.flash import FlashLoss
-        return FlashLoss(schedule, timesteps, k=cfg.k, backward=cfg.backward, reconstruction=cfg.reconstruction,
-                         noise_correction=cfg.noise_correction, gamma_table=cfg.gamma_table,
-                         step_weights=cfg.recon_step_weights)
-    if cfg.method == "lcm":
-        from .losses.lcm import LCMLoss
-        return LCMLoss(schedule, num_ddim_timesteps=cfg.lcm_ddim_timesteps, loss=cfg.lcm_loss)
-    if cfg.method == "add":
-        from .losses.add import ADDLoss
-        return ADDLoss(schedule, timesteps)
-    if cfg.method == "progressive":
-        from .losses.progressive import ProgressiveLoss
-        return ProgressiveLoss(schedule, timesteps, cfg.progressive_stages, cfg.max_steps, teacher_net)
-    raise ConfigError(f"unknown method {cfg.method!r}; choose one of {', '.join(METHODS)}")
 
 
 def step_generator(seed: int, step: int, rank: int = 0, world: int = 1) -> Shard:
@@ -127,328 +77,236 @@ def discriminator_step(adv, disc, x0_real, x0_fake, cond, gen):
     return adv.discriminator(disc, x0_real, x0_fake, cond, cond, gen).mean()
 
 
-# ----------------------------------------------------------------------------------------------------------- ckpt
-
-@torch.no_grad()
-def ema_update(ema: torch.nn.Module, net: torch.nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * net, over net's trainable parameters (all, or a LoRA student's adapters).
-
-    The EMA is a whole copy on every process; an FSDP-sharded net's parameters are gathered (a collective)."""
-    for pe, p in zip(ema.parameters(), trainable_full(net), strict=True):
-        pe.lerp_(p, 1 - decay)
-
-
-def save_checkpoint(run: Path, step: int, nets: dict, opts: dict, extra: dict, write: bool = True) -> None:
-    """Gather the state of `nets` (name -> module) and `opts` (name -> (model, optimizer)) on every process (sharded
-    state is all-gathered), and on the writing process write ckpt.tmp fully, then swap it in: a killed or failed
-    write never breaks the previous 'ckpt'."""
-    from safetensors.torch import save_file
-
-    from .models import _replace_dir
-
-    weights = {name: full_state_dict(net) for name, net in nets.items()}
-    opt_states = {k: optimizer_state(model, o) for k, (model, o) in opts.items()}
-    if not write:
-        return
-    tmp = run / "ckpt.tmp"
-    if tmp.exists():
-        import shutil
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    for name, state in weights.items():
-        save_file(state, tmp / f"{name}.safetensors")
-    torch.save({"opts": opt_states, "step": step, "torch_rng": torch.get_rng_state(), **extra}, tmp / "state.pt")
-    (tmp / "step.json").write_text(json.dumps({"step": step, **{k: v for k, v in extra.items() if k == "seconds"}}))
-    _replace_dir(tmp, run / "ckpt")
+def check_prompts_only(cfg: DistillConfig, method: Method) -> None:
+    """Refuse, in one line, a run that needs real images when the dataset has none: the method says whether it does
+    (Method.needs_images), and the discriminator always does."""
+    needs = [method.image_need()] if method.needs_images else []
+    if cfg.adv_weight > 0:
+        needs.append(f"adv_weight={cfg.adv_weight} (the discriminator needs real images; --set adv_weight=0)")
+    if needs:
+        raise ConfigError(f"dataset {cfg.dataset} is prompts only, without images, but {' and '.join(needs)}")
 
 
-def load_checkpoint(run: Path, nets: dict, opts: dict) -> int:
-    """Load run/ckpt into `nets` and `opts` (as in save_checkpoint); returns the step. Load the weights before
-    accelerate.prepare and the optimisers after it (an FSDP optimiser takes its shard of the saved full state)."""
-    from safetensors.torch import load_file
+# ------------------------------------------------------------------------------------------------------------ run
 
-    ck = run / "ckpt"
-    for name, net in nets.items():
-        net.load_state_dict(load_file(ck / f"{name}.safetensors"))
-    st = torch.load(ck / "state.pt", weights_only=True)  # our own file; weights_only never runs code
-    for k, (model, o) in opts.items():
-        load_optimizer_state(model, o, _by_name(st["opts"][k], model))
-    torch.set_rng_state(st["torch_rng"])
-    return int(st["step"])
+@dataclass(frozen=True)
+class Run:
+    """A distillation run, built once (build_run). The loop reads it: only weights and the method's own state change."""
+
+    cfg: DistillConfig  # the resolved config: presets applied, the teacher's guidance scale filled in
+    dir: Path  # run folder: config.json, log.csv, ckpt/, samples/, student/
+    backend: Backend  # the processes, and how a model trains across them
+    bundle: Any  # the teacher (pipelines.ModelBundle): UNet, schedule, encoder, text encoder, meta
+    dataset: Any  # items {"image", "caption"}, or {"caption"} only (has_images False: prompts only)
+    timesteps: list[int]  # the student's timesteps
+    method: Method  # the loss and the student's sampler
+    models: Models  # the denoisers the loss may use
+    st: Any  # student.Student: the trained module's state, its EMA and LoRA config (checkpoints, export)
+    student: torch.nn.Module  # the prepared (wrapped) student
+    opt_g: Any  # its optimiser
+    adv: Any  # HingeAdversarial, or None without a discriminator
+    disc: torch.nn.Module | None  # the prepared discriminator
+    opt_d: Any  # its optimiser
+    nets: dict  # name -> module: the weights a checkpoint holds (student, ema, disc, the method's extra_nets)
+    opts: dict  # name -> (bare model, optimiser): the optimisers a checkpoint holds
+    start: int  # the first step (the checkpoint's, on resume)
+    seconds_before: float  # training seconds of earlier invocations (train.json is cumulative)
 
 
-def _by_name(state: dict, model: torch.nn.Module) -> dict:
-    """An optimiser state keyed by parameter index (torch's optimizer.state_dict(), as earlier checkpoints of this
-    package hold it) re-keyed by parameter name. Index i is the model's i-th trainable parameter, which is how the
-    loop builds its optimisers."""
-    if not any(isinstance(i, int) for g in state.get("param_groups", []) for i in g["params"]):
-        return state
-    names = [n for n, _ in trainable_named(model)]
-    return {"state": {names[i]: v for i, v in state["state"].items()},
-            "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
-
-
-# ----------------------------------------------------------------------------------------------------------- loop
-
-def distill(cfg: DistillConfig, resume: bool = False, teacher_bundle=None, dataset=None, text=None) -> Path:
-    """Train a student with cfg.method; write the student, the resolved config, logs and sample grids."""
-    from accelerate import Accelerator
-
+def build_run(cfg: DistillConfig, resume: bool = False, teacher_bundle=None, dataset=None, text=None) -> Run:
+    """Everything the loop needs, in an order that makes every random draw depend on the seed only."""
     from .losses.discriminator import HingeAdversarial
-    from .pipelines import export_student, load_bundle, resolve_dtype
+    from .pipelines import load_bundle, resolve_dtype
     from .student import build_student, optimizer_class
 
-    resolve_variant(cfg)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    # On a machine without CUDA, a multi-process launch (accelerate launch --multi_gpu, torchrun) runs on CPU
-    # with gloo; accelerate would otherwise fall back to independent single processes.
-    # (A DeepSpeed launch keeps cpu=False: accelerate enables DeepSpeed only then; _check_backend checks the rest.)
-    cpu_ddp = (int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-               and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true")
-    acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cpu_ddp)  # gradient accumulation is by hand below
-    world, accum = acc.num_processes, max(1, cfg.grad_accum)
-    _check_backend(acc, cfg)
-    if cfg.batch_size % (world * accum):
-        raise ConfigError(f"batch_size={cfg.batch_size} must be divisible by processes x grad_accum = {world * accum}")
+    cfg = resolve_variant(cfg)
+    method_class(cfg).validate(cfg)
+    set_threads(cfg.threads)
+    backend = Backend(cfg)
     run = Path(cfg.out)
-    if acc.is_main_process:
+    if backend.is_main:
         run.mkdir(parents=True, exist_ok=True)
     # Teacher (a bundle: UNet, schedule, pixel or VAE encoder, text encoder), data.
-    teacher_dtype, adam = resolve_dtype(cfg.teacher_dtype, acc.device), optimizer_class(cfg.optimizer)
-    bundle = teacher_bundle or load_bundle(cfg.teacher, teacher_dtype, acc.device, text, cfg.resolution)
-    sched_cfg, meta, encoder, text = bundle.schedule_config, bundle.meta, bundle.encoder, bundle.text
-    teacher_unet = bundle.unet.to(acc.device).eval().requires_grad_(False)
-    schedule = make_schedule(**sched_cfg)
+    teacher_dtype, adam = resolve_dtype(cfg.teacher_dtype, backend.device), optimizer_class(cfg.optimizer)
+    bundle = teacher_bundle or load_bundle(cfg.teacher, teacher_dtype, backend.device, text, cfg.resolution)
+    teacher_unet = bundle.unet.to(backend.device).eval().requires_grad_(False)
+    schedule, encoder, text = make_schedule(**bundle.schedule_config), bundle.encoder, bundle.text
     if cfg.guidance_scale is None:
-        cfg.guidance_scale = float(meta.get("guidance_scale", 3.0))
-    resolution = bundle.resolution  # image side; the model works at resolution // encoder.downscale
-    if resolution % encoder.downscale:
-        raise ConfigError(f"resolution={resolution} is not a multiple of the VAE's downscale {encoder.downscale}")
+        cfg = dataclasses.replace(cfg, guidance_scale=float(bundle.meta.get("guidance_scale", 3.0)))
+    if bundle.resolution % encoder.downscale:
+        raise ConfigError(f"resolution={bundle.resolution} is not a multiple of the VAE's downscale "
+                          f"{encoder.downscale}")
     if dataset is None:
         from .data import data_options, load_dataset
-        dataset = load_dataset(cfg.dataset, resolution, **data_options(cfg))
-    has_images = getattr(dataset, "has_images", True)
-    if not has_images:  # prompts only: backward distillation with no discriminator never needs an image
-        from .data.prompts import check_prompts_only
-        check_prompts_only(cfg)
+        dataset = load_dataset(cfg.dataset, bundle.resolution, **data_options(cfg))
     # Encode every caption once, in a fixed order: an embedding must not depend on its batch-mates (BLAS blocking
     # differs with batch size), or a resumed run would see slightly different conditioning.
     text(sorted(set(getattr(dataset, "captions", []))) + [""])
-    null = text.null_cond().to(acc.device)
-    timesteps = student_timesteps(cfg)
-    if acc.is_main_process:
+    null = text.null_cond().to(backend.device)
+    timesteps = method_class(cfg).timesteps(cfg)
+    if backend.is_main:
         save_config(cfg, run / "config.json")
     # Discriminator (a float32 copy of the teacher's encoder, taken before a LoRA student changes that UNet), student
     # (a copy of the teacher, or LoRA on it), EMA, optimisers.
     adv = HingeAdversarial(schedule, cfg.disc_t_max) if cfg.adv_weight > 0 else None
     with torch.random.fork_rng(devices=[]):  # the heads' and LoRA's init depend on the seed only
         torch.manual_seed(cfg.seed)
-        disc = _build_discriminator(cfg, teacher_unet, text, encoder).to(acc.device) if adv else None
+        disc = _build_discriminator(cfg, teacher_unet, text, encoder).to(backend.device) if adv else None
         st = build_student(cfg, teacher_unet, teacher_dtype)
     if disc is not None and cfg.gradient_checkpointing and hasattr(disc, "enc"):
         disc.enc.enable_gradient_checkpointing()
-    student, ema = st.net, st.ema
-    opt_g = adam([p for p in student.parameters() if p.requires_grad], lr=cfg.lr, betas=tuple(cfg.adam_betas))
+    opt_g = adam([p for p in st.net.parameters() if p.requires_grad], lr=cfg.lr, betas=tuple(cfg.adam_betas))
     opt_d = adam([p for p in disc.parameters() if p.requires_grad], lr=cfg.disc_lr,
                  betas=tuple(cfg.disc_betas)) if disc else None  # a projected disc's backbone is frozen
-    if cfg.method == "progressive" and cfg.lora_rank:
-        raise ConfigError("method=progressive needs a full student (its stage teachers copy the EMA): drop --lora-rank")
-    method = build_method(cfg, schedule, timesteps, teacher_unet)
-    if world > 1 and hasattr(method, "all_steps"):  # a rollout's length must not depend on this process's draws
-        method.all_steps = True
-    method_nets = method.nets() if hasattr(method, "nets") else {}
-    nets = {"student": st.state, "ema": ema, **({"disc": disc} if disc else {}), **method_nets}
-    step, seconds_before = 0, 0.0  # training seconds of earlier invocations (resume): train.json is cumulative
+    method = build_method(cfg, schedule, timesteps, teacher_unet, backend.rollout_all_steps)
+    if not getattr(dataset, "has_images", True):  # prompts only: fine when nothing needs an image
+        check_prompts_only(cfg, method)
+    nets = {"student": st.state, "ema": st.ema, **({"disc": disc} if disc else {}), **method.extra_nets()}
+    start, seconds_before = 0, 0.0
     resuming = resume and (run / "ckpt" / "state.pt").is_file()
     if resuming:  # weights before prepare (FSDP then shards them), optimiser state after it
-        step = load_checkpoint(run, nets, {})
-        seconds_before = float(json.loads((run / "ckpt" / "step.json").read_text()).get("seconds", 0.0))
-    student, opt_g = _prepare(acc, student, opt_g, cfg, world, accum, cfg.grad_clip)
+        start, seconds_before = load_checkpoint(run, nets, {}), saved_seconds(run)
+    student, opt_g = backend.prepare(st.net, opt_g, cfg.grad_clip)
     if disc is not None:
-        disc, opt_d = _prepare(acc, disc, opt_d, cfg, world, accum, 0.0)
-    opts = {"g": (acc.unwrap_model(student), opt_g), **({"d": (acc.unwrap_model(disc), opt_d)} if opt_d else {})}
+        disc, opt_d = backend.prepare(disc, opt_d, 0.0)
+    opts = {"g": (backend.unwrap(student), opt_g), **({"d": (backend.unwrap(disc), opt_d)} if opt_d else {})}
     if resuming:
         load_checkpoint(run, {}, opts)
-        acc.print(f"resumed from {run / 'ckpt'} at step {step}")
-    ema = ema.to(acc.device)
+        backend.print(f"resumed from {run / 'ckpt'} at step {start}")
+    ema = st.ema.to(backend.device)
     models = Models(student=Denoiser(student, schedule), teacher=Denoiser(
         st.teacher_net, schedule, guidance_scale=cfg.guidance_scale, null_cond=null),
         rollout=Denoiser(ema if cfg.rollout_weights == "ema" else student, schedule), ema=Denoiser(ema, schedule),
         schedule=schedule, disc=disc)
-    student_scheduler = method.export_scheduler(sched_cfg, timesteps)  # the student's own sampler
-    grid_prompts = _grid_prompts(dataset)
-    grid_seeds = list(range(len(grid_prompts)))  # one seed per prompt (a small dataset has fewer than 8)
-    log_f = open(run / "log.csv", "a", newline="") if acc.is_main_process else None
-    log = csv.writer(log_f) if log_f else None
-    if log_f is not None and step == 0:
-        log.writerow(["step", "loss", "recon", "adv_g", "disc", "seconds"])
-    bad = torch.zeros((), dtype=torch.bool, device=acc.device)
-    bar = tqdm(total=cfg.max_steps, initial=step, desc=f"distill {cfg.method}/{cfg.variant}", dynamic_ncols=True,
-               disable=not acc.is_main_process)
-    t0 = time.time() - seconds_before
-    last = {}
+    return Run(cfg, run, backend, bundle, dataset, timesteps, method, models, st, student, opt_g, adv, disc, opt_d,
+               nets, opts, start, seconds_before)
+
+
+def distill(cfg: DistillConfig, resume: bool = False, teacher_bundle=None, dataset=None, text=None) -> Path:
+    """Train a student with the config's method; write the student, the resolved config, logs and sample grids."""
+    run = build_run(cfg, resume, teacher_bundle, dataset, text)
+    step, minutes, last = train_loop(run)
+    if run.backend.is_main:
+        export_run(run, step, minutes, last)
+    run.backend.wait()
+    return run.dir / "student"
+
+
+def train_loop(run: Run) -> tuple[int, float, dict]:
+    """Updates from run.start to cfg.max_steps; returns (steps, training minutes, the last logged losses).
+
+    Each update: the student's loss on world x accum micro-batches, one optimiser step, the discriminator's loss on
+    the same micro-batches, one step, the EMA. Logs, NaN checks, checkpoints and sample grids at their intervals."""
+    cfg, backend, method, models, ema = run.cfg, run.backend, run.method, run.models, run.st.ema
+    scheduler = method.scheduler(run.bundle.schedule_config, run.timesteps)  # the student's own sampler
+    grid_prompts = _grid_prompts(run.dataset)
+    log = _Log(run.dir / "log.csv", run.start) if backend.is_main else None
+    bad = torch.zeros((), dtype=torch.bool, device=backend.device)
+    bar = tqdm(total=cfg.max_steps, initial=run.start, desc=f"distill {method.name}/{cfg.variant}",
+               dynamic_ncols=True, disable=not backend.is_main)
+    t0, step, last = time.time() - run.seconds_before, run.start, {}
     while step < cfg.max_steps:
-        if hasattr(method, "begin_step"):
-            method.begin_step(step, models)
-        use_adv = adv if step >= cfg.disc_warmup else None
-        # The global batch of batch_size is split into world x accum equal shards; shard m * world + rank is this
-        # process's micro-batch m. Each shard's rows and random draws are the global batch's (rng.Shard), so any
-        # split gives the same update as one process with no accumulation, up to float rounding.
+        method.begin_step(step, models)
+        use_adv = run.adv if step >= cfg.disc_warmup else None
+        # Each micro-batch's rows and random draws are the global batch's (rng.Shard), so any split of the global
+        # batch over processes and micro-batches gives the same update as one process, up to float rounding.
         micro, sums = [], {}
-        for m in range(accum):
-            shard, n_shards = m * world + acc.process_index, world * accum
+        for m, shard, n_shards in backend.shards():
             gen = step_generator(cfg.seed, step, shard, n_shards)
-            idx = batch_indices(len(dataset), step, cfg.batch_size, cfg.seed, shard, n_shards)
-            items = [dataset[int(i)] for i in idx]
-            if has_images:
-                x0_real = encoder.encode(torch.stack([it["image"] for it in items]).to(acc.device))
-            else:  # prompts only: used only for its shape and device, by the backward rollout
-                side = resolution // encoder.downscale
-                x0_real = torch.zeros(len(items), teacher_unet.config.in_channels, side, side, device=acc.device)
-            cond = text([it["caption"] for it in items]).to(acc.device)
-            with _micro_batch(acc, student, m == accum - 1):  # all-reduce once
+            x0_real, cond = _micro_batch(run, step, shard, n_shards)
+            with backend.micro_batch(run.student, m):  # DDP all-reduces once, on the last micro-batch
                 loss_g, parts, x0_fake = generator_step(method, models, x0_real, cond, gen, use_adv, cfg.adv_weight)
-                _backward(acc, student, loss_g, accum, m == accum - 1)
+                backend.backward(run.student, loss_g, m)
             bad |= ~torch.isfinite(loss_g.detach())
             micro.append((x0_real, x0_fake, cond, gen))
             for k, v in {**parts, "loss": loss_g.detach()}.items():
-                sums[k] = sums.get(k, 0.0) + v / accum
-        _update(acc, student, opt_g, cfg.grad_clip)
+                sums[k] = sums.get(k, 0.0) + v / backend.accum
+        backend.update(run.student, run.opt_g, cfg.grad_clip)
         # Discriminator update on the same micro-batches (real data against the student's detached x0_hat).
-        if disc is not None:
+        if run.disc is not None:
             for m, (x0_real, x0_fake, cond, gen) in enumerate(micro):
-                with _micro_batch(acc, disc, m == accum - 1):
-                    loss_d = discriminator_step(adv, disc, x0_real, x0_fake, cond, gen)
-                    _backward(acc, disc, loss_d, accum, m == accum - 1)
+                with backend.micro_batch(run.disc, m):
+                    loss_d = discriminator_step(run.adv, run.disc, x0_real, x0_fake, cond, gen)
+                    backend.backward(run.disc, loss_d, m)
                 bad |= ~torch.isfinite(loss_d.detach())
-                sums["disc"] = sums.get("disc", 0.0) + loss_d.detach() / accum
-            _update(acc, disc, opt_d, 0.0)
-        parts = sums
-        # EMA of the student.
-        ema_update(ema, acc.unwrap_model(student), cfg.ema_decay)
+                sums["disc"] = sums.get("disc", 0.0) + loss_d.detach() / backend.accum
+            backend.update(run.disc, run.opt_d, 0.0)
+        ema_update(ema, backend.unwrap(run.student), cfg.ema_decay)
         step += 1
         bar.update(1)
         is_ckpt = step % cfg.ckpt_every == 0 or step == cfg.max_steps
         if step % cfg.log_every == 0 or is_ckpt:
             # Checked before any checkpoint, so 'ckpt' only ever holds finite weights; all processes stop together.
-            if bool(acc.reduce(bad.float(), "sum") > 0):
+            if backend.any(bad):
                 raise NonFiniteLoss(f"loss became NaN/inf before step {step}; the last good checkpoint is kept in "
-                                    f"{run / 'ckpt'} (lower --set lr=..., or resume with --resume)")
-            last = {k: float(v) for k, v in parts.items()}
+                                    f"{run.dir / 'ckpt'} (lower --set lr=..., or resume with --resume)")
+            last = {k: float(v) for k, v in sums.items()}
             bar.set_postfix({k: f"{v:.4f}" for k, v in last.items()})
             if log:
-                log.writerow([step, last["loss"], last.get("recon", ""), last.get("adv_g", ""), last.get("disc", ""),
-                              f"{time.time() - t0:.1f}"])
-                log_f.flush()
+                log.row(step, last, time.time() - t0)
         if is_ckpt:
-            if bool(acc.reduce((~all_finite(acc.unwrap_model(student))).float(), "sum") > 0):
-                raise NonFiniteLoss(f"the student's weights became NaN/inf at step {step}; the last good checkpoint "
-                                    f"is kept in {run / 'ckpt'}")
-            acc.wait_for_everyone()  # every process gathers (FSDP shards), the main one writes
-            save_checkpoint(run, step, {**nets, **({"disc": acc.unwrap_model(disc)} if disc else {})}, opts,
-                            {"seconds": time.time() - t0}, write=acc.is_main_process)
-        if acc.is_main_process and (step % cfg.sample_every == 0 or step == cfg.max_steps):
-            _sample_grid(run / "samples" / f"step{step:06d}.png", models, ema, text, grid_prompts, grid_seeds,
-                         timesteps, student_scheduler, encoder, sched_cfg,
-                         resolution // encoder.downscale,
-                         teacher_unet.config.in_channels)
+            _checkpoint(run, step, time.time() - t0)
+        if backend.is_main and (step % cfg.sample_every == 0 or step == cfg.max_steps):
+            _sample_grid(run, run.dir / "samples" / f"step{step:06d}.png", scheduler, grid_prompts)
     bar.close()
-    minutes = (time.time() - t0) / 60
-    if acc.is_main_process:
-        export_student(run, bundle, st, timesteps, student_scheduler,
-                       {**meta, "kind": "imagine-flash student", "method": cfg.method, "variant": cfg.variant,
-                        "sampler": method.sampler, "noise_correction": method.sampler == "flash" and cfg.noise_correction,
-                        "teacher_guidance_scale": cfg.guidance_scale, "train_steps": step, "lora_rank": cfg.lora_rank,
-                        **({"lcm_ddim_timesteps": cfg.lcm_ddim_timesteps} if cfg.method == "lcm" else {})})
-        (run / "train.json").write_text(json.dumps({"steps": step, "train_minutes": minutes, **last}, indent=2))
-        if log_f:
-            log_f.close()
-    acc.wait_for_everyone()
-    return run / "student"
+    if log:
+        log.close()
+    return step, (time.time() - t0) / 60, last
 
 
-def _check_backend(acc, cfg: DistillConfig) -> None:
-    """DDP, FSDP2 and DeepSpeed ZeRO-1/2 are supported; anything else stops with one line saying what to use."""
-    from accelerate.utils import DistributedType
+def export_run(run: Run, step: int, minutes: float, last: dict) -> None:
+    """student/ (the EMA student with the method's sampler as its scheduler) and train.json."""
+    from .pipelines import export_student
 
-    if acc.distributed_type == DistributedType.DEEPSPEED:
-        ds = acc.state.deepspeed_plugin.deepspeed_config
-        zero = ds.get("zero_optimization", {})
-        if int(zero.get("stage", 0)) > 2:
-            raise ConfigError("DeepSpeed ZeRO-3 is not supported: use zero_stage 1 or 2, or FSDP (fsdp_version: 2) "
-                              "to shard the weights too")
-        if cfg.mixed_precision != "no" or any(ds.get(k, {}).get("enabled") is True for k in ("fp16", "bf16")):
-            raise ConfigError("DeepSpeed runs the fp32 student here: set mixed_precision: 'no' in the accelerate "
-                              "config (and no fp16/bf16 in the DeepSpeed config), or use FSDP2 for bf16")
-        if "optimizer" in ds or "scheduler" in ds:
-            raise ConfigError("the DeepSpeed config must not set an optimizer or scheduler: distill builds its own "
-                              "(--set lr=..., disc_lr=..., optimizer=adam)")
-        if cfg.optimizer != "adam" or any(zero.get(k, {}).get("device", "none") != "none"
-                                          for k in ("offload_optimizer", "offload_param")):
-            raise ConfigError("with DeepSpeed use optimizer=adam and no ZeRO offload (both need DeepSpeed's own "
-                              "optimisers)")
-        import torch.distributed as tdist
-        if tdist.is_initialized() and tdist.get_world_size() != acc.num_processes:  # accelerate on CPU
-            raise ConfigError(f"accelerate runs DeepSpeed on CPU as one process, not {tdist.get_world_size()}: "
-                              "launch one, or use DDP (accelerate launch --multi_gpu) on CPU")
-    if acc.distributed_type == DistributedType.FSDP:
-        if not getattr(acc, "is_fsdp2", False):
-            raise ConfigError("FSDP1 is not supported: set fsdp_version: 2 in the accelerate config file")
-        if cfg.lora_rank:
-            raise ConfigError("a LoRA student shares the teacher's UNet and trains with DDP: drop FSDP, or --lora-rank")
+    cfg = run.cfg
+    scheduler = run.method.scheduler(run.bundle.schedule_config, run.timesteps)
+    export_student(run.dir, run.bundle, run.st, run.timesteps, scheduler,
+                   {**run.bundle.meta, "kind": "imagine-flash student", **run.method.meta(), "variant": cfg.variant,
+                    "teacher_guidance_scale": cfg.guidance_scale, "train_steps": step, "lora_rank": cfg.lora_rank})
+    (run.dir / "train.json").write_text(json.dumps({"steps": step, "train_minutes": minutes, **last}, indent=2))
 
 
-def _is_engine(model) -> bool:
-    """A DeepSpeed engine: it owns backward, accumulation, clipping and the optimiser step."""
-    return hasattr(model, "set_gradient_accumulation_boundary")
+def _micro_batch(run: Run, step: int, shard: int, n_shards: int):
+    """(x0_real (B, C, h, w), cond) of this process's micro-batch `shard` of the global batch of `step`."""
+    cfg, dev, encoder = run.cfg, run.backend.device, run.bundle.encoder
+    idx = batch_indices(len(run.dataset), step, cfg.batch_size, cfg.seed, shard, n_shards)
+    items = [run.dataset[int(i)] for i in idx]
+    if getattr(run.dataset, "has_images", True):
+        x0_real = encoder.encode(torch.stack([it["image"] for it in items]).to(dev))
+    else:  # prompts only: used only for its shape and device, by the backward rollout
+        side = run.bundle.resolution // encoder.downscale
+        x0_real = torch.zeros(len(items), run.bundle.unet.config.in_channels, side, side, device=dev)
+    return x0_real, run.bundle.text([it["caption"] for it in items]).to(dev)
 
 
-def _prepare(acc, model, opt, cfg: DistillConfig, world: int, accum: int, clip: float):
-    """accelerate.prepare(model, opt). Under DeepSpeed each model gets its own engine, configured for this loop's
-    micro-batches, accumulation and `clip` (the student clips, the discriminator does not)."""
-    import logging
-
-    from accelerate.utils import DistributedType
-
-    if acc.distributed_type != DistributedType.DEEPSPEED:
-        return acc.prepare(model, opt)
-    acc.state.deepspeed_plugin.deepspeed_config.update(
-        train_micro_batch_size_per_gpu=cfg.batch_size // (world * accum), train_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=accum, gradient_clipping=float(clip or 0.0))
-    log = logging.getLogger("accelerate.accelerator")  # its 'engine tied to backward()' note: engines step here
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
-        return acc.prepare(model, opt)
-    finally:
-        log.setLevel(level)
+def _checkpoint(run: Run, step: int, seconds: float) -> None:
+    """Check the student's weights are finite on every process, then checkpoint (every process gathers FSDP
+    shards, the main one writes)."""
+    backend = run.backend
+    if backend.any(~all_finite(backend.unwrap(run.student))):
+        raise NonFiniteLoss(f"the student's weights became NaN/inf at step {step}; the last good checkpoint "
+                            f"is kept in {run.dir / 'ckpt'}")
+    backend.wait()
+    nets = {**run.nets, **({"disc": backend.unwrap(run.disc)} if run.disc is not None else {})}
+    save_checkpoint(run.dir, step, nets, run.opts, {"seconds": seconds}, write=backend.is_main)
 
 
-def _micro_batch(acc, model, last: bool):
-    """Forward and backward of one micro-batch: DDP all-reduces on the last one only (a DeepSpeed engine decides
-    that from its accumulation boundary)."""
-    return contextlib.nullcontext() if last or _is_engine(model) else acc.no_sync(model)
+class _Log:
+    """log.csv: one row per logging step (a fresh run writes the header)."""
 
+    def __init__(self, path: Path, start: int):
+        self.f = open(path, "a", newline="")
+        self.w = csv.writer(self.f)
+        if start == 0:
+            self.w.writerow(["step", "loss", "recon", "adv_g", "disc", "seconds"])
 
-def _backward(acc, model, loss: torch.Tensor, accum: int, last: bool) -> None:
-    """Gradients of loss / accum (a DeepSpeed engine divides by its gradient_accumulation_steps = accum itself)."""
-    if _is_engine(model):
-        model.set_gradient_accumulation_boundary(last)
-        model.backward(loss)
-    else:
-        acc.backward(loss / accum)
+    def row(self, step: int, losses: dict, seconds: float) -> None:
+        self.w.writerow([step, losses["loss"], losses.get("recon", ""), losses.get("adv_g", ""),
+                         losses.get("disc", ""), f"{seconds:.1f}"])
+        self.f.flush()
 
-
-def _update(acc, model, opt, clip: float) -> None:
-    """Clip (if clip), step and zero the gradients: by hand, or by the DeepSpeed engine (clip is in its config)."""
-    if _is_engine(model):
-        model.step()
-        return
-    if clip:
-        acc.clip_grad_norm_(model.parameters(), clip)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+    def close(self) -> None:
+        self.f.close()
 
 
 def _build_discriminator(cfg: DistillConfig, teacher_unet, text, encoder) -> torch.nn.Module:
@@ -475,20 +333,19 @@ def _grid_prompts(dataset) -> list[str]:
 
 
 @torch.no_grad()
-def _sample_grid(path, models: Models, ema, text, prompts, seeds, timesteps, scheduler, encoder, sched_cfg, res, ch):
-    """Teacher at 25 DPM-Solver++ steps next to the (EMA) student with its sampler: same prompts and seeds."""
+def _sample_grid(run: Run, path: Path, scheduler, prompts: list[str]) -> None:
+    """Teacher at 25 DPM-Solver++ steps next to the EMA student with its sampler: same prompts and seeds."""
     from .sampling import sample_generators, scheduler_sample, seeded_noise, teacher_scheduler
     from .viz import labelled_rows, save_png
 
-    dev = next(ema.parameters()).device
-    x_T = seeded_noise(seeds, (ch, res, res)).to(dev)
-    cond = text(prompts).to(dev)
-    teacher = scheduler_sample(models.teacher, teacher_scheduler("dpmpp", sched_cfg), x_T, cond, 25)
-    student = scheduler_sample(Denoiser(ema, models.schedule), scheduler, x_T, cond, timesteps=timesteps,
+    seeds, encoder, unet = list(range(len(prompts))), run.bundle.encoder, run.bundle.unet
+    side = run.bundle.resolution // encoder.downscale
+    ema = run.st.ema
+    x_T = seeded_noise(seeds, (unet.config.in_channels, side, side)).to(next(ema.parameters()).device)
+    cond = run.bundle.text(prompts).to(x_T.device)
+    teacher = scheduler_sample(run.models.teacher, teacher_scheduler("dpmpp", run.bundle.schedule_config), x_T, cond,
+                               25)
+    student = scheduler_sample(Denoiser(ema, run.models.schedule), scheduler, x_T, cond, timesteps=run.timesteps,
                                generator=sample_generators(seeds))
     save_png(labelled_rows([("teacher 25", encoder.decode(teacher)),
-                            (f"student {len(timesteps)}", encoder.decode(student))], scale=4), path)
-
-
-def default_teacher() -> Path:
-    return Path(__file__).parent / "assets" / "teacher"
+                            (f"student {len(run.timesteps)}", encoder.decode(student))], scale=4), path)

@@ -220,7 +220,7 @@ def _json(path: Path) -> dict:
 def teacher_facts(spec: str | None) -> tuple[int, int]:
     """(T, pixel multiple) of a local teacher folder from its JSON files: its training timesteps and the VAE's
     downscale (1 for pixel models). (1000, 1) when the folder is not local (a hub id): the loader checks later."""
-    from .train import default_teacher
+    from .models import default_teacher
 
     path = Path(spec or default_teacher())
     T = int(_json(path / "scheduler" / "scheduler_config.json").get("num_train_timesteps", 1000))

@@ -43,6 +43,7 @@ def save_png(img: Image.Image, path: str | Path) -> None:
     """Write deterministically (no timestamps in PNG) and atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    img.save(tmp, format="PNG")
-    tmp.replace(path)
+    from .checkpoint import atomic_path
+
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG")

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .checked import CheckedImages
-from .imagefolder import CACHE_BYTES, DatasetError, _clean
+from .imagefolder import CACHE_BYTES, CheckedImages, DatasetError, _clean
 
 LOCAL_FILES = (("parquet", "*.parquet"), ("arrow", "*.arrow"))  # packaged builders for a local folder of files
 

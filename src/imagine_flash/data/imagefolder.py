@@ -3,6 +3,7 @@
 Captions come from `root/metadata.jsonl` (one {"file_name": relative path, "text": caption} per line) when that file
 exists, else from a `.txt` file beside each image (a.png + a.txt), searched recursively. Every file is opened and
 decoded once in the constructor, so a bad file fails at start-up with its name rather than hours into a run.
+`CheckedImages`, the part every image source shares (this one, HF datasets, webdataset), is here too.
 """
 from __future__ import annotations
 
@@ -35,19 +36,16 @@ class DatasetError(ValueError):
         super().__init__(" ".join(str(msg).splitlines()))
 
 
-def _raise(msg: str):
-    raise DatasetError(msg)
-
-
 # Finding (image, caption) pairs.
 
-def find_captioned_images(root: Path, bad: Callable[[str], None] = _raise) -> list[tuple[Path, str]]:
+def find_captioned_images(root: Path, bad: Callable[[str], None] | None = None) -> list[tuple[Path, str]]:
     """(path, caption) pairs from metadata.jsonl if present, else from sidecar .txt files; bad(msg) on each problem."""
     if not root.exists():
         raise DatasetError(f"dataset folder {root} does not exist")
     if not root.is_dir():
         raise DatasetError(f"dataset folder {root} is not a folder")
     meta = root / "metadata.jsonl"
+    bad = bad or CheckedImages._raise
     return _from_metadata(root, meta, bad) if meta.is_file() else _from_sidecars(root, bad)
 
 
@@ -183,7 +181,72 @@ def to_pixels(im: Image.Image, resolution: int, crop: str = "center", seed=0) ->
     return torch.from_numpy(np.ascontiguousarray(np.asarray(im).transpose(2, 0, 1)))
 
 
-class ImageFolderDataset(torch.utils.data.Dataset):
+class CheckedImages(torch.utils.data.Dataset):
+    """Captioned images, each decoded once at start-up so a bad one is reported now, by name, not hours into a run.
+
+    A subclass calls `_start(...)`, reports problems it finds itself through `self.bad(msg)`, then `_check(items)`
+    with (ref, name, caption) triples, and implements `_read(ref, name)` -> encoded bytes or a file path. Items are
+    {"image": (3,R,R) float in [-1,1], "caption": str}; uint8 pixels stay in `.pixels` (N,3,R,R) when they fit in
+    cache_bytes, else each image is read and decoded again in __getitem__ and `.pixels` is None.
+    """
+
+    has_images = True
+
+    def _start(self, resolution: int, crop: str, seed: int, skip_bad_files: bool):
+        if crop not in CROPS:
+            raise ValueError(f"crop must be one of {CROPS}, not {crop!r}")
+        if resolution < 1:
+            raise ValueError(f"resolution must be positive, not {resolution}")
+        self.resolution, self.crop, self.seed = resolution, crop, seed
+        self.skipped: list[str] = []  # the messages of the files (rows, samples) skipped with skip_bad_files
+        self.bad = self._skip if skip_bad_files else self._raise
+
+    @staticmethod
+    def _raise(msg: str):
+        raise DatasetError(msg)
+
+    def _skip(self, msg: str):
+        self.skipped.append(msg)
+        tqdm.write(f"skipping {msg}", file=sys.stderr)  # print() that leaves a running progress bar intact
+
+    def _check(self, items: list[tuple], desc: str, empty: str, cache_bytes: int = CACHE_BYTES):
+        """Decode each (ref, name, caption); keep the good ones. `empty` is the error when none is left."""
+        r = self.resolution
+        pixels = torch.empty((len(items), 3, r, r), dtype=torch.uint8) if len(items) * 3 * r * r <= cache_bytes else None
+        self.refs, self.names, self.captions = [], [], []
+        for ref, name, caption in tqdm(items, desc=desc, unit="img", disable=len(items) <= PROGRESS_OVER):
+            try:
+                x = self._load(ref, name, len(self.refs))
+            except DatasetError as e:
+                self.bad(str(e))
+                continue
+            if pixels is not None:
+                pixels[len(self.refs)] = x
+            self.refs.append(ref)
+            self.names.append(name)
+            self.captions.append(caption)
+        if not self.refs:
+            raise DatasetError(empty)
+        if pixels is not None and len(self.refs) < len(items):
+            pixels = pixels[:len(self.refs)].clone()
+        self.pixels = pixels
+
+    def _read(self, ref, name: str) -> bytes | Path:
+        """The encoded image of `ref`; DatasetError(f"{name}: ...") when there is none."""
+        raise NotImplementedError
+
+    def _load(self, ref, name: str, i: int) -> torch.Tensor:
+        return to_pixels(open_image(self._read(ref, name), name), self.resolution, self.crop, seed=(self.seed, i))
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def __getitem__(self, i: int):
+        x = self.pixels[i] if self.pixels is not None else self._load(self.refs[i], self.names[i], i)
+        return {"image": x.float().div(127.5).sub(1), "caption": self.captions[i]}
+
+
+class ImageFolderDataset(CheckedImages):
     """A folder of captioned images at `resolution`: items are {"image": (3,R,R) in [-1,1], "caption": str}.
 
     crop: "center", "random" (one fixed crop per index, drawn from (seed, index)) or "none" (squash to square).
@@ -192,50 +255,17 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     decoded in __getitem__ and `.pixels` is None.
     """
 
-    has_images = True  # items carry an "image" (a prompts-only dataset has captions only)
-
     def __init__(self, root: str | Path, resolution: int, crop: str = "center", skip_bad_files: bool = False,
                  seed: int = 0, cache_bytes: int = CACHE_BYTES):
-        if crop not in CROPS:
-            raise ValueError(f"crop must be one of {CROPS}, not {crop!r}")
-        if resolution < 1:
-            raise ValueError(f"resolution must be positive, not {resolution}")
-        self.root, self.resolution, self.crop, self.seed = Path(root).expanduser(), resolution, crop, seed
-        self.skipped: list[str] = []  # the messages of the files skipped with skip_bad_files
-        bad = self._skip if skip_bad_files else _raise
-        items = find_captioned_images(self.root, bad)
+        self._start(resolution, crop, seed, skip_bad_files)
+        self.root = Path(root).expanduser()
+        items = [(path, str(path), text) for path, text in find_captioned_images(self.root, self.bad)]
+        self._check(items, f"checking {self.root}", f"no images with captions found in {self.root} ({EMPTY_HINT})",
+                    cache_bytes)
 
-        # Decode every image once: a bad one fails now, and a small dataset keeps its pixels.
-        keep = len(items) * 3 * resolution ** 2 <= cache_bytes
-        pixels = torch.empty((len(items), 3, resolution, resolution), dtype=torch.uint8) if keep else None
-        self.paths: list[Path] = []
-        self.captions: list[str] = []
-        for path, text in tqdm(items, desc=f"checking {self.root}", unit="img", disable=len(items) <= PROGRESS_OVER):
-            try:
-                x = self._load(path, len(self.paths))
-            except DatasetError as e:
-                bad(str(e))
-                continue
-            if pixels is not None:
-                pixels[len(self.paths)] = x
-            self.paths.append(path)
-            self.captions.append(text)
-        if not self.paths:
-            raise DatasetError(f"no images with captions found in {self.root} ({EMPTY_HINT})")
-        if pixels is not None and len(self.paths) < len(items):
-            pixels = pixels[:len(self.paths)].clone()
-        self.pixels = pixels
+    @property
+    def paths(self) -> list[Path]:
+        return self.refs
 
-    def _skip(self, msg: str):
-        self.skipped.append(msg)
-        tqdm.write(f"skipping {msg}", file=sys.stderr)  # print() that leaves a running progress bar intact
-
-    def _load(self, path: Path, i: int) -> torch.Tensor:
-        return to_pixels(open_image(path), self.resolution, self.crop, seed=(self.seed, i))  # (3, R, R) uint8
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int):
-        x = self.pixels[i] if self.pixels is not None else self._load(self.paths[i], i)
-        return {"image": x.float().div(127.5).sub(1), "caption": self.captions[i]}
+    def _read(self, path: Path, name: str) -> Path:
+        return path

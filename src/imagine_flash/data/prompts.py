@@ -2,7 +2,8 @@
 
 Backward distillation (§4.1) starts the student's input from its own rollout from pure noise, and SRL (Eq. 8) takes
 its target from the teacher, so neither needs an image. Only the discriminator (real images) and the no-backward
-ablation and the baseline methods (forward-noised real images) do: check_prompts_only refuses those.
+ablation and the baseline methods (forward-noised real images) do: the loop refuses those (each method says whether
+it needs images, Method.needs_images).
 """
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ from pathlib import Path
 
 import torch
 
-from ..config import ConfigError
 from .imagefolder import DatasetError, _clean
 
 
@@ -51,15 +51,3 @@ class PromptsDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         return {"caption": self.captions[i]}
 
-
-def check_prompts_only(cfg) -> None:
-    """Refuse, in one line, a config that needs real images when the dataset has none."""
-    needs = []
-    if cfg.method != "flash":  # the baselines (LCM, ADD, progressive) forward-noise real images
-        needs.append(f"method={cfg.method} (only flash's backward distillation trains on prompts; --method flash)")
-    if cfg.adv_weight > 0:
-        needs.append(f"adv_weight={cfg.adv_weight} (the discriminator needs real images; --set adv_weight=0)")
-    if not cfg.backward:
-        needs.append("backward=False (forward distillation noises real images; --set backward=true)")
-    if needs:
-        raise ConfigError(f"dataset {cfg.dataset} is prompts only, without images, but {' and '.join(needs)}")

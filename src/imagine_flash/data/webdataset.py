@@ -13,8 +13,7 @@ import re
 import tarfile
 from pathlib import Path, PurePosixPath
 
-from .checked import CheckedImages
-from .imagefolder import CACHE_BYTES, EXTENSIONS, DatasetError, _clean
+from .imagefolder import CACHE_BYTES, CheckedImages, EXTENSIONS, DatasetError, _clean
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # in order of preference when a sample has several
 MAX_TEXT_BYTES = 1 << 20  # a txt or json caption member larger than 1 MiB is not a caption

@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..backend import set_threads
+
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "classifier"
 DEFAULT_CONFIG = {"resolution": 16, "width": 32, "feature_dim": 256, "num_colors": 8, "num_classes": 10}
 
@@ -180,8 +182,7 @@ def main_train(argv: list[str] | None = None) -> dict:
     p.add_argument("--resolution", type=int, default=16)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     command = (f"python -m imagine_flash.eval.classifier --out {args.out} --steps {args.steps} --seed {args.seed} "
                f"--resolution {args.resolution} --threads {args.threads}")
     return train_classifier(args.out, args.steps, args.seed, args.resolution, command=command)

