@@ -196,9 +196,10 @@ def main() -> None:
         ticks["n"] += 1
         if ticks["n"] == args.warmup:
             clock.on, ticks["t"] = True, time.perf_counter()
+            ticks["setup"] = ticks["t"] - ticks["start"]
         elif ticks["n"] == args.warmup + args.updates:
             clock.on = False
-            report(args, cfg, clock, (time.perf_counter() - ticks["t"]) / args.updates)
+            report(args, cfg, clock, (time.perf_counter() - ticks["t"]) / args.updates, ticks["setup"])
             sys.stdout.flush()
             shutil.rmtree(tmp, ignore_errors=True)  # the run folder and any generated SD pipeline
             os._exit(0)  # the profile is complete: skip the run's final checkpoint, sample grid and export
@@ -208,10 +209,11 @@ def main() -> None:
         ColoredFashion.__getitem__ = clock.wrap(ColoredFashion.__getitem__, lambda *a, **k: ("data", 0))
     else:
         type(dataset).__getitem__ = clock.wrap(type(dataset).__getitem__, lambda *a, **k: ("data", 0))
+    ticks["start"] = time.perf_counter()
     distill(cfg, dataset=dataset)
 
 
-def report(args, cfg, clock: Clock, total: float) -> None:
+def report(args, cfg, clock: Clock, total: float, setup: float) -> None:
     """Print the profile of one update (seconds, share, NFE per image) and write it as JSON with --json."""
     parts = {p: clock.seconds[p] / args.updates for p in PARTS}
     parts["other"] = max(0.0, total - sum(parts.values()))
@@ -220,13 +222,14 @@ def report(args, cfg, clock: Clock, total: float) -> None:
     out = {"model": args.model, "threads": args.threads, "batch_size": cfg.batch_size, "updates": args.updates,
            "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
            "settings": args.set, "seconds_per_update": total, "updates_per_second": 1 / total,
-           "parts_seconds": parts, "nfe_per_image": nfe, "share_outside_networks": 1 - nets / total}
+           "parts_seconds": parts, "setup_and_warmup_seconds": setup, "nfe_per_image": nfe, "share_outside_networks": 1 - nets / total}
     print(f"{args.model}: {total:.3f} s per update ({1 / total:.2f} updates/s), batch {cfg.batch_size}, "
           f"{args.threads} thread(s), {args.set}")
     for p, s in parts.items():
         extra = f"  NFE/image {nfe[p]:.1f}" if p in nfe else ""
         print(f"  {p:16s} {s:8.3f} s  {100 * s / total:5.1f}%{extra}")
     print(f"  outside network forward/backward: {100 * out['share_outside_networks']:.1f}%")
+    print(f"  before the measured updates (loading, {args.warmup} warm-up updates, any compilation): {setup:.1f} s")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
 

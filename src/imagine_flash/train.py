@@ -174,9 +174,13 @@ def build_run(cfg: DistillConfig, resume: bool = False, teacher_bundle=None, dat
         load_checkpoint(run, {}, opts)
         backend.print(f"resumed from {run / 'ckpt'} at step {start}")
     ema = st.ema.to(backend.device)
-    models = Models(student=Denoiser(student, schedule), teacher=Denoiser(
-        st.teacher_net, schedule, guidance_scale=cfg.guidance_scale, null_cond=null),
-        rollout=Denoiser(ema if cfg.rollout_weights == "ema" else student, schedule), ema=Denoiser(ema, schedule),
+    # compile=true: the denoisers call compiled views that share the modules' parameters; the modules themselves
+    # (optimisers, EMA, checkpoints, export) stay as they are.
+    fast = torch.compile if cfg.compile else (lambda net: net)
+    live, teacher_net = fast(student), fast(st.teacher_net)
+    models = Models(student=Denoiser(live, schedule), teacher=Denoiser(
+        teacher_net, schedule, guidance_scale=cfg.guidance_scale, null_cond=null),
+        rollout=Denoiser(ema if cfg.rollout_weights == "ema" else live, schedule), ema=Denoiser(ema, schedule),
         schedule=schedule, disc=disc)
     return Run(cfg, run, backend, bundle, dataset, timesteps, method, models, st, student, opt_g, adv, disc, opt_d,
                nets, opts, start, seconds_before)

@@ -184,6 +184,8 @@ def validate(cfg, sources: dict[str, str] | None = None, T: int | None = None, d
             refuse("recon_step_weights", f"method flash takes one weight per student step ({steps})")
     if cfg.method == "lcm" and cfg.student_steps > cfg.lcm_ddim_timesteps:
         refuse("student_steps", f"lcm samples from a grid of lcm_ddim_timesteps={cfg.lcm_ddim_timesteps}")
+    if cfg.compile and cfg.lora_rank:
+        refuse("compile", "compile=true compiles a full student only (a LoRA student shares the teacher's UNet): use false")
     if cfg.method == "progressive" and cfg.lora_rank:
         refuse("lora_rank", "method=progressive needs a full student (its stage teachers copy the EMA): use 0")
 
