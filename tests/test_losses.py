@@ -212,3 +212,47 @@ def test_hinge_losses_by_hand():
     torch.testing.assert_close(d, torch.relu(1 - d_real) + torch.relu(1 + d_fake))
     g = torch.Generator().manual_seed(0)
     torch.testing.assert_close(adv.generator(disc, fake, None, g), -d_fake)
+
+
+def test_srl_eq7_uses_eq7_at_the_last_step_and_srl_elsewhere():
+    """reconstruction='srl+eq7': per sample, the Eq. 7 value at the last student step, the Eq. 8 value elsewhere.
+
+    By hand, with a 1-step k=1 teacher (x0 estimate (x - s tea x) / a at its start) and linear nets: the last
+    step's target starts from the student's own x_t at t, the others from chi = q(x0_s, eps2, gamma(t))."""
+    stu, tea, B = 0.5, 0.2, 64
+    ts = [999, 500]
+    out = call(FlashLoss(S, ts, k=1, reconstruction="srl+eq7"), Denoiser(lambda x, t, c: stu * x, S),
+               Denoiser(lambda x, t, c: stu * x, S), Denoiser(lambda x, t, c: tea * x, S),
+               torch.zeros(B, 3, 2, 2), cond_of(B), torch.Generator().manual_seed(3))["recon"].double()
+    g = torch.Generator().manual_seed(3)
+    x_T = torch.randn((B, 3, 2, 2), generator=g).double()
+    i = torch.randint(0, 2, (B,), generator=g)
+    eps2 = torch.randn((B, 3, 2, 2), generator=g).double()
+    assert set(i.tolist()) == {0, 1}
+    aT, sT = math.sqrt(abar(999)), math.sqrt(1 - abar(999))
+    a5, s5 = math.sqrt(abar(500)), math.sqrt(1 - abar(500))
+    x0_first = (x_T - sT * stu * x_T) / aT
+    x_500 = a5 * x0_first + s5 * x_T  # step 2's input: Eq. 9 puts x_T in the sigma term
+    for b in range(B):
+        if i[b] == 0:  # SRL at gamma(999) = 990
+            a, s = math.sqrt(abar(990)), math.sqrt(1 - abar(990))
+            chi = a * x0_first[b] + s * eps2[b]
+            exp = (((chi - s * tea * chi) / a - x0_first[b]) ** 2).mean()
+        else:  # Eq. 7: the teacher from the student's own x_500
+            x0_s = (x_500[b] - s5 * stu * x_500[b]) / a5
+            exp = (((x_500[b] - s5 * tea * x_500[b]) / a5 - x0_s) ** 2).mean()
+        torch.testing.assert_close(out[b], exp, rtol=1e-4, atol=1e-6)
+
+
+def test_snr_recon_weight_is_the_eps_space_error():
+    """recon_weight='snr': each sample's x0 error times alpha_t^2 / sigma_t^2 of its step, computed by hand."""
+    B, ts = 64, [999, 750, 500]
+    args = lambda: (Denoiser(lambda x, t, c: 0.5 * x, S), Denoiser(lambda x, t, c: 0.5 * x, S),
+                    Denoiser(lambda x, t, c: 0.2 * x, S), torch.zeros(B, 3, 2, 2), cond_of(B))
+    plain = call(FlashLoss(S, ts, k=2), *args(), torch.Generator().manual_seed(7))["recon"]
+    snr = call(FlashLoss(S, ts, k=2, recon_weight="snr"), *args(), torch.Generator().manual_seed(7))["recon"]
+    g = torch.Generator().manual_seed(7)
+    torch.randn((B, 3, 2, 2), generator=g)
+    i = torch.randint(0, 3, (B,), generator=g)
+    w = torch.tensor([abar(t) / (1 - abar(t)) for t in ts])[i]
+    torch.testing.assert_close(snr, plain * w.float())

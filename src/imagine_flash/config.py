@@ -159,7 +159,10 @@ class DistillConfig:
     student_timesteps: tuple | None = None  # explicit student timesteps, overriding student_steps' defaults
     noise_correction: bool = True  # Eq. 9 in the training rollouts and at inference
     backward: bool = True  # §4.1 backward distillation (False: forward-noised real data)
-    reconstruction: str = "srl"  # 'srl' (Eq. 8), 'eq7' (Eq. 7, no shift) or 'none'
+    reconstruction: str = "srl"  # 'srl' (Eq. 8), 'eq7' (Eq. 7, no shift), 'srl+eq7' (Eq. 8, but Eq. 7 for the last
+    # student step; an earlier run of that target gave FID 179.0 against 204.5, its files not committed) or 'none'
+    recon_weight: str = "none"  # flash: per-sample weight of the x0 error: 'none' (the paper) or 'snr' (alpha_t^2 /
+    # sigma_t^2, the student's eps error: balances the steps; not measured yet)
     k: int = 8  # teacher DDIM steps for the target
     gamma_table: tuple = ((900, 990), (500, 950), (-1, 200))  # SRL gamma(t): (threshold, value), value if t > threshold
     recon_step_weights: tuple | None = None  # flash: weight of each student step i's reconstruction loss (None: 1)

@@ -80,7 +80,8 @@ def distill_rules(T: int = 1000) -> dict[str, Rule]:
         # the method and its losses
         "method": one_of(*METHODS), "variant": one_of(*VARIANTS), "student_steps": within(1, T, closed=True),
         "student_timesteps": items(int, timestep, decreasing=True), "noise_correction": ANY, "backward": ANY,
-        "reconstruction": one_of("srl", "eq7", "none"), "k": POSITIVE, "gamma_table": _gamma_table(T),
+        "reconstruction": one_of("srl", "eq7", "srl+eq7", "none"),
+        "recon_weight": one_of("none", "snr"), "k": POSITIVE, "gamma_table": _gamma_table(T),
         "recon_step_weights": items(float, at_least(0)), "guidance_scale": at_least(0),
         "rollout_weights": one_of("live", "ema"), "lcm_ddim_timesteps": within(1, T, closed=True),
         "lcm_loss": one_of("l2", "huber"), "progressive_stages": POSITIVE,

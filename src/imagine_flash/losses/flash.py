@@ -67,11 +67,33 @@ def eq7_target(teacher, x_t: torch.Tensor, t: torch.Tensor, cond: Cond, schedule
     return target.clone()
 
 
+def srl_eq7_target(teacher, x0_student: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, last: torch.Tensor,
+                   cond: Cond, schedule: Schedule, k: int, gen: torch.Generator, gamma_table) -> torch.Tensor:
+    """Eq. 8 where `last` (B,) is False, Eq. 7 where it is True, in one teacher pass: k uniform DDIM steps with CFG
+    from chi = q(stopgrad(x0_hat), eps, gamma(t)) at gamma(t), or from the student's own x_{T->t} at t."""
+    t_shift = gamma_shift(t, gamma_table)
+    eps = randn(x0_student.shape, gen).to(x0_student)  # drawn for every sample, as in srl_target
+    t_start = torch.where(last, t, t_shift)
+    with torch.inference_mode():
+        chi = q_sample(x0_student.detach(), eps, schedule.alpha(t_shift), schedule.sigma(t_shift))
+        chi = torch.where(last.reshape(-1, 1, 1, 1), x_t, chi)
+        target = ddim_sample(teacher, chi, cond, uniform_timesteps(t_start, k), schedule)
+    return target.clone()
+
+
+def snr_weight(alpha_t, sigma_t) -> torch.Tensor:
+    """alpha_t^2 / sigma_t^2: an x0-space squared error times this is the eps-space one (Eq. 5)."""
+    return torch.as_tensor(alpha_t) ** 2 / torch.as_tensor(sigma_t) ** 2
+
+
 class FlashLoss(Method):
     """Imagine Flash (Kohler et al. 2024): per-sample ||target - x0_hat_Theta||^2 with a backward-distilled input.
 
-    backward=False is the no-backward ablation; reconstruction 'srl' (Eq. 8), 'eq7' (Eq. 7, gamma = identity) or
-    'none' (the no-srl ablation: the adversarial term alone). all_steps: the backend's rollout rule (rollout).
+    backward=False is the no-backward ablation; reconstruction 'srl' (Eq. 8), 'eq7' (Eq. 7, gamma = identity),
+    'srl+eq7' (Eq. 8, but Eq. 7 at the last student step) or 'none' (the no-srl ablation: the adversarial term
+    alone). recon_weight 'snr' weights each sample's x0 error by alpha_t^2 / sigma_t^2 (the student's eps-space
+    error), so that the first step (sigma/alpha = 14.6 at t = 999) no longer dominates the gradient.
+    all_steps: the backend's rollout rule (rollout).
     """
 
     name, sampler = "flash", "flash"
@@ -79,9 +101,12 @@ class FlashLoss(Method):
     def __init__(self, schedule: Schedule, timesteps: Sequence[int], k: int = 8, backward: bool = True,
                  reconstruction: str = "srl", noise_correction: bool = True,
                  gamma_table=((900, 990), (500, 950), (-1, 200)), step_weights: Sequence[float] | None = None,
-                 all_steps: bool = False):
-        if reconstruction not in ("srl", "eq7", "none"):
-            raise ValueError(f"reconstruction must be 'srl', 'eq7' or 'none', not {reconstruction!r}")
+                 all_steps: bool = False, recon_weight: str = "none"):
+        if reconstruction not in ("srl", "eq7", "srl+eq7", "none"):
+            raise ValueError(f"reconstruction must be 'srl', 'eq7', 'srl+eq7' or 'none', not {reconstruction!r}")
+        if recon_weight not in ("none", "snr"):
+            raise ValueError(f"recon_weight must be 'none' or 'snr', not {recon_weight!r}")
+        self.recon_weight = recon_weight
         if step_weights is not None and len(step_weights) != len(timesteps):
             raise ValueError(f"recon_step_weights has {len(step_weights)} weights for {len(timesteps)} student steps")
         self.step_weights = None if step_weights is None else torch.tensor([float(w) for w in step_weights])
@@ -109,7 +134,7 @@ class FlashLoss(Method):
     def build(cls, cfg, schedule: Schedule, timesteps, teacher_net, all_steps: bool) -> FlashLoss:
         return cls(schedule, timesteps, k=cfg.k, backward=cfg.backward, reconstruction=cfg.reconstruction,
                    noise_correction=cfg.noise_correction, gamma_table=cfg.gamma_table,
-                   step_weights=cfg.recon_step_weights, all_steps=all_steps)
+                   step_weights=cfg.recon_step_weights, all_steps=all_steps, recon_weight=cfg.recon_weight)
 
     def image_need(self) -> str:
         return "backward=False (forward distillation noises real images; --set backward=true)"
@@ -131,9 +156,15 @@ class FlashLoss(Method):
             target, _ = srl_target(teacher, x0_hat, inp.t, cond, self.schedule, self.k, gen, self.gamma_table)
         elif self.reconstruction == "eq7":
             target = eq7_target(teacher, inp.x_t, inp.t, cond, self.schedule, self.k)
+        elif self.reconstruction == "srl+eq7":
+            last = inp.step_index == len(self.timesteps) - 1
+            target = srl_eq7_target(teacher, x0_hat, inp.x_t, inp.t, last, cond, self.schedule, self.k, gen,
+                                    self.gamma_table)
         else:
             return out
         out["recon"] = (target - x0_hat).square().flatten(1).mean(1)
+        if self.recon_weight == "snr":
+            out["recon"] = out["recon"] * snr_weight(self.schedule.alpha(inp.t), self.schedule.sigma(inp.t)).to(x0_hat)
         if self.step_weights is not None:  # w_i per sample, by the student step it was drawn at
             out["recon"] = out["recon"] * self.step_weights.to(x0_hat)[inp.step_index]
         return out

@@ -39,6 +39,8 @@ class Method:
         """Refuse, in one line (ConfigError), a config this method cannot train; called before any work."""
         if cfg.recon_step_weights is not None:
             raise ConfigError(f"recon_step_weights={list(cfg.recon_step_weights)}: only method flash takes them")
+        if cfg.recon_weight != "none":
+            raise ConfigError(f"recon_weight={cfg.recon_weight!r}: only method flash takes it")
 
     @classmethod
     def timesteps(cls, cfg) -> list[int]:
