@@ -17,7 +17,7 @@ from imagine_flash.config import DistillConfig, PretrainConfig
 # An out-of-range value for every field that has a range or choices (the rest are booleans).
 BAD_DISTILL = {
     "out": "", "teacher": "", "teacher_dtype": "fp8", "dataset": "", "method": "flashy", "variant": "no-such",
-    "student_steps": 0, "student_timesteps": [500, 999], "reconstruction": "eq9", "k": 0,
+    "student_steps": 0, "student_timesteps": [500, 999], "reconstruction": "eq9", "recon_weight": "min-snr", "k": 0,
     "gamma_table": [[900, 1000]], "recon_step_weights": [1.0, -1.0, 1.0], "guidance_scale": -1.0,
     "rollout_weights": "best", "batch_size": 0, "grad_accum": 0, "lr": 0.0, "adam_betas": [0.9, 1.0],
     "adv_weight": -0.1, "disc_lr": -1e-4, "disc_betas": [0.0], "disc_t_max": 1000, "disc_warmup": -1,

@@ -88,7 +88,8 @@ def distill_rules(T: int = 1000) -> dict[str, Rule]:
         # optimisation
         "batch_size": POSITIVE, "grad_accum": POSITIVE, "lr": RATE, "adam_betas": BETAS, "max_steps": POSITIVE,
         "ema_decay": DECAY, "grad_clip": at_least(0), "mixed_precision": one_of("no", "fp16", "bf16"),
-        "optimizer": one_of("adam", "adam8bit"), "gradient_checkpointing": ANY, "seed": COUNT, "threads": COUNT,
+        "optimizer": one_of("adam", "adam8bit"), "gradient_checkpointing": ANY, "compile": ANY, "seed": COUNT,
+        "threads": COUNT,
         "lora_rank": COUNT, "lora_alpha": above(0), "lora_targets": items(str, NONEMPTY),
         # the discriminator
         "adv_weight": at_least(0), "disc_lr": RATE, "disc_betas": BETAS, "disc_t_max": timestep,
