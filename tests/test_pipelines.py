@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from imagine_flash.checkpoint import latest
 from imagine_flash.cli import main
 from imagine_flash.config import ConfigError, DistillConfig
 from imagine_flash.scheduler import FlashScheduler
@@ -176,7 +177,7 @@ def test_sd_lora_student_loads_onto_the_teacher_pipeline(tmp_path, sd_teacher):
     out = tmp_path / "run"
     distill(_cfg(out, sd_teacher, lora_rank=4, lora_alpha=8, lr=1e-3, student_steps=2, rollout_weights="ema"),
             dataset=TinyData())
-    ckpt = load_file(out / "ckpt" / "student.safetensors")
+    ckpt = load_file(latest(out) / "student.safetensors")
     assert ckpt and all("lora" in k for k in ckpt)  # only the trainable (adapter) weights are checkpointed
     merged = _load(out / "student")
     teacher = DiffusionPipeline.from_pretrained(sd_teacher)
@@ -200,7 +201,7 @@ def test_resume_equals_uninterrupted_run_in_latent_space(tmp_path, sd_teacher):
     distill(_cfg(tmp_path / "b", sd_teacher, **{**kw, "max_steps": 2}), dataset=TinyData())
     distill(_cfg(tmp_path / "b", sd_teacher, **kw), resume=True, dataset=TinyData())
     assert_same_checkpoints(tmp_path / "a", tmp_path / "b")
-    trained = load_file(tmp_path / "a" / "ckpt" / "student.safetensors")
+    trained = load_file(latest(tmp_path / "a") / "student.safetensors")
     assert any(v.any() for k, v in trained.items() if "lora_B" in k)  # the adapters trained (lora_B starts at 0)
 
 
