@@ -240,7 +240,7 @@ def train_loop(run: Run) -> tuple[int, float, dict]:
         bar.update(1)
         is_ckpt = step % cfg.ckpt_every == 0 or step == cfg.max_steps
         if step % cfg.log_every == 0 or is_ckpt:
-            # Checked before any checkpoint, so a checkpoint only ever holds finite weights; all processes stop together.
+            # Checked before any checkpoint, so checkpoints only hold finite weights; all processes stop together.
             if backend.any(bad):
                 raise NonFiniteLoss(f"loss became NaN/inf before step {step}; the last good checkpoint is kept in "
                                     f"{run.dir} (lower --set lr=..., or resume with --resume)")
