@@ -318,7 +318,8 @@ def test_hub_id_teacher_from_the_hub_cache(tmp_path, sd_teacher):
     pipe = _load(tmp_path / "run" / "student")
     assert isinstance(pipe.scheduler, FlashScheduler) and pipe.scheduler.config.timesteps == [999, 750, 500]
     # An id that is in neither the cache nor reachable: one line naming it.
-    r = subprocess.run([sys.executable, "-m", "imagine_flash", *args[:2], "tiny-org/missing", *args[3:]], env=env,
+    other = [str(tmp_path / "run2") if a == str(tmp_path / "run") else a for a in args[3:]]  # not a run folder
+    r = subprocess.run([sys.executable, "-m", "imagine_flash", *args[:2], "tiny-org/missing", *other], env=env,
                        capture_output=True, text=True, timeout=600)
     ours = [line for line in r.stderr.splitlines() if line.startswith("imagine-flash distill: error:")]
     assert r.returncode == 2 and len(ours) == 1, r.stderr  # (huggingface_hub may add its own deprecation warning)
