@@ -44,12 +44,14 @@ needs_inception = pytest.mark.skipif(not _have_inception(), reason="fid-helper-p
 
 
 def assert_same_checkpoints(a, b, names=("student", "ema", "disc")) -> None:
-    """The ckpt/ folders of two runs hold bitwise-equal tensors for each named network."""
+    """The latest checkpoints of two runs hold bitwise-equal tensors for each named network."""
     from safetensors.torch import load_file
 
+    from imagine_flash.checkpoint import latest
+
     for name in names:
-        x = load_file(a / "ckpt" / f"{name}.safetensors")
-        y = load_file(b / "ckpt" / f"{name}.safetensors")
+        x = load_file(latest(a) / f"{name}.safetensors")
+        y = load_file(latest(b) / f"{name}.safetensors")
         assert x.keys() == y.keys(), name
         for k in x:
             assert torch.equal(x[k], y[k]), (name, k)

@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from imagine_flash.checkpoint import latest
 from imagine_flash.config import DistillConfig, apply_method_defaults
 from imagine_flash.denoisers import Cond, Denoiser
 from imagine_flash.losses.add import ADDLoss
@@ -220,7 +221,7 @@ def test_progressive_resume_across_a_stage_boundary(tmp_path, tiny_teacher, smal
     monkeypatch.setattr(train, "save_checkpoint", real_save)
     train.distill(_cfg(tmp_path / "b", tiny_teacher, "progressive"), resume=True, dataset=small_data)
     assert_same_checkpoints(tmp_path / "a", tmp_path / "b", ("student", "ema", "stage_teacher"))
-    assert int(load_file(tmp_path / "a" / "ckpt" / "stage_teacher.safetensors")["stage"]) == 2
+    assert int(load_file(latest(tmp_path / "a") / "stage_teacher.safetensors")["stage"]) == 2
 
 
 @pytest.mark.parametrize("method", ["flash", "lcm", "add", "progressive"])

@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from imagine_flash.checkpoint import latest
 from imagine_flash.cli import main
 from imagine_flash.config import DistillConfig
 from imagine_flash.data.fashion import ColoredFashion
@@ -38,7 +39,7 @@ def test_resume_equals_uninterrupted_run(tmp_path, tiny_teacher, small_data, opt
     distill(_cfg(tmp_path / "b", tiny_teacher, max_steps=2, optimizer=optimizer), dataset=small_data)
     distill(_cfg(tmp_path / "b", tiny_teacher, optimizer=optimizer), resume=True, dataset=small_data)
     assert_same_checkpoints(tmp_path / "a", tmp_path / "b")
-    st = torch.load(tmp_path / "a" / "ckpt" / "state.pt", weights_only=True)["opts"]["g"]["state"]
+    st = torch.load(latest(tmp_path / "a") / "state.pt", weights_only=True)["opts"]["g"]["state"]
     if optimizer == "adam8bit":  # bitsandbytes keeps 8-bit moments for tensors of >= 4096 entries
         quant = [v["__bnb_optimizer_quant_state__"] for v in st.values()]
         assert any(q["state1"].dtype == torch.uint8 for q in quant)
@@ -46,7 +47,7 @@ def test_resume_equals_uninterrupted_run(tmp_path, tiny_teacher, small_data, opt
         assert all("exp_avg" in v for v in st.values())
     # And training changed the student away from the teacher.
     t = load_file(next((tiny_teacher / "unet").glob("*.safetensors")))
-    s = load_file(tmp_path / "a" / "ckpt" / "student.safetensors")
+    s = load_file(latest(tmp_path / "a") / "student.safetensors")
     assert any(not torch.equal(t[k].float(), s[k]) for k in t)
 
 
@@ -56,7 +57,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_teacher, s
     from imagine_flash.train import NonFiniteLoss, distill
 
     distill(_cfg(tmp_path / "r", tiny_teacher, max_steps=2), dataset=small_data)
-    good = load_file(tmp_path / "r" / "ckpt" / "student.safetensors")
+    good = load_file(latest(tmp_path / "r") / "student.safetensors")
     real_step = train.generator_step
 
     def nan_step(*a, **kw):  # a loss that turns NaN, as a diverging run's would
@@ -66,9 +67,9 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_teacher, s
     monkeypatch.setattr(train, "generator_step", nan_step)
     with pytest.raises(NonFiniteLoss, match="last good checkpoint"):
         distill(_cfg(tmp_path / "r", tiny_teacher, log_every=5), resume=True, dataset=small_data)
-    after = load_file(tmp_path / "r" / "ckpt" / "student.safetensors")
+    after = load_file(latest(tmp_path / "r") / "student.safetensors")
     assert all(torch.equal(good[k], after[k]) for k in good)
-    assert json.loads((tmp_path / "r" / "ckpt" / "step.json").read_text())["step"] == 2
+    assert json.loads((latest(tmp_path / "r") / "step.json").read_text())["step"] == 2
 
 
 def test_cli_bad_input_is_one_line(tmp_path, capsys):
@@ -133,7 +134,7 @@ def test_cli_pretrain_tiny_run_and_resume(tmp_path):
             "--set", "ckpt_every=1", "--set", "sample_every=2"]
     assert main(args) == 0
     assert main(args[:4] + ["4"] + args[5:] + ["--resume"]) == 0
-    assert json.loads((out / "ckpt" / "step.json").read_text())["step"] == 4
+    assert json.loads((latest(out) / "step.json").read_text())["step"] == 4
     assert (out / "model" / "unet" / "config.json").is_file() and (out / "samples" / "step0000004.png").is_file()
 
 
@@ -174,12 +175,12 @@ def test_grad_accumulation_equals_the_full_batch(tmp_path, tiny_teacher, small_d
     distill(_cfg(tmp_path / "full", tiny_teacher, max_steps=2), dataset=small_data)
     distill(_cfg(tmp_path / "accum", tiny_teacher, max_steps=2, grad_accum=2), dataset=small_data)
     for name in ("student", "disc"):
-        a = load_file(tmp_path / "full" / "ckpt" / f"{name}.safetensors")
-        b = load_file(tmp_path / "accum" / "ckpt" / f"{name}.safetensors")
+        a = load_file(latest(tmp_path / "full") / f"{name}.safetensors")
+        b = load_file(latest(tmp_path / "accum") / f"{name}.safetensors")
         moved = 0
         for k in a:
             torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=2e-5)
-        init = load_file(tmp_path / "full" / "ckpt" / "ema.safetensors") if name == "student" else None
+        init = load_file(latest(tmp_path / "full") / "ema.safetensors") if name == "student" else None
         if init is not None:
             moved = sum(int(not torch.equal(a[k], init[k])) for k in a)
             assert moved > 0  # the student did change, so equality is not trivial
@@ -233,7 +234,7 @@ def test_projected_discriminator_trains_heads_on_a_frozen_backbone(tmp_path, tin
                              image_size=32, patch_size=8)).save_pretrained(tmp_path / "dino", safe_serialization=True)
     distill(_cfg(tmp_path / "run", tiny_teacher, max_steps=2, disc_type="projected",
                  disc_features=str(tmp_path / "dino")), dataset=small_data)
-    disc = load_file(tmp_path / "run" / "ckpt" / "disc.safetensors")
+    disc = load_file(latest(tmp_path / "run") / "disc.safetensors")
     dino = Dinov2Model.from_pretrained(tmp_path / "dino").state_dict()
     for k, v in dino.items():
         assert torch.equal(disc[f"features.{k}"], v), k
@@ -265,8 +266,8 @@ def test_bf16_mixed_precision_runs_on_cpu(tmp_path, tiny_teacher, small_data):
         distill(_cfg(tmp_path / "bf16", tiny_teacher, max_steps=2, mixed_precision="bf16"), dataset=small_data)
     finally:
         AcceleratorState._reset_state()
-    student = load_file(tmp_path / "bf16" / "ckpt" / "student.safetensors")
-    init = load_file(tmp_path / "bf16" / "ckpt" / "ema.safetensors")
+    student = load_file(latest(tmp_path / "bf16") / "student.safetensors")
+    init = load_file(latest(tmp_path / "bf16") / "ema.safetensors")
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in student.values())
     assert any(not torch.equal(student[k], init[k]) for k in student)
 
@@ -282,9 +283,9 @@ def test_index_keyed_optimizer_state_still_resumes(tmp_path):
     net(torch.randn(5, 3)).square().mean().backward()
     opt.step()
     checkpoint.save_checkpoint(tmp_path, 1, {"student": net}, {}, {})
-    st = torch.load(tmp_path / "ckpt" / "state.pt", weights_only=True)
+    st = torch.load(latest(tmp_path) / "state.pt", weights_only=True)
     st["opts"] = {"g": opt.state_dict()}  # the old format
-    torch.save(st, tmp_path / "ckpt" / "state.pt")
+    torch.save(st, latest(tmp_path) / "state.pt")
     fresh = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
     fresh[0].requires_grad_(False)
     opt2 = torch.optim.Adam([p for p in fresh.parameters() if p.requires_grad], lr=1e-2)

@@ -9,6 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from imagine_flash.checkpoint import latest
+
 from conftest import needs_data
 
 ROOT = __import__('pathlib').Path(__file__).resolve().parents[1]
@@ -66,7 +68,7 @@ def test_two_processes_equal_one(tmp_path, tiny_teacher):
         assert torch.equal(r0[k], r1[k]), k  # DDP replicas are bitwise identical
         torch.testing.assert_close(r0[k], one[k], rtol=1e-4, atol=2e-5)  # 2 processes = 1 process, same global batch
     # Only the main process writes the run folder; its checkpoint holds the same weights.
-    ck = load_file(tmp_path / "two" / "ckpt" / "student.safetensors")
+    ck = load_file(latest(tmp_path / "two") / "student.safetensors")
     for k in one:
         assert torch.equal(ck[k], r0[k])
 
@@ -114,7 +116,7 @@ assert bool(all_finite(sh))
 checkpoint.save_checkpoint(run, 3, {"student": sh, "ema": ema_sh}, {"g": (sh, opt_sh)}, {}, write=rank == 0)
 dist.barrier()
 from safetensors.torch import load_file
-saved = load_file(run / "ckpt" / "student.safetensors")
+saved = load_file(checkpoint.latest(run) / "student.safetensors")
 close([saved[k] for k in ref.state_dict()], list(ref.state_dict().values()))
 
 # Resume into a fresh sharded model (weights before sharding, optimiser after) and into a plain one: one more step
@@ -267,9 +269,9 @@ def test_deepspeed_zero2_equals_plain_and_resumes_exactly(tmp_path, tiny_teacher
         assert torch.equal(res[k], dsw[k]), k
         assert torch.equal(two0[k], two1[k]), k
         torch.testing.assert_close(two0[k], plain[k], rtol=1e-4, atol=2e-5)  # as the DDP test: other reductions
-    sp = torch.load(tmp_path / "plain" / "ckpt" / "state.pt", weights_only=True)["opts"]
+    sp = torch.load(latest(tmp_path / "plain") / "state.pt", weights_only=True)["opts"]
     for run in ("ds", "two"):
-        sd = torch.load(tmp_path / run / "ckpt" / "state.pt", weights_only=True)["opts"]
+        sd = torch.load(latest(tmp_path / run) / "state.pt", weights_only=True)["opts"]
         for o in ("g", "d"):
             assert sd[o]["param_groups"] == sp[o]["param_groups"]
             assert sd[o]["state"].keys() == sp[o]["state"].keys()
@@ -308,7 +310,7 @@ def test_accelerate_fsdp2_launch_equals_one_process_and_resumes(tmp_path, tiny_t
         assert torch.equal(f0[k], f1[k]), k
         torch.testing.assert_close(f0[k], plain[k], rtol=1e-4, atol=2e-5)
         assert torch.equal(res[k], f0[k]), k
-    sp, sf = (torch.load(tmp_path / n / "ckpt" / "state.pt", weights_only=True)["opts"] for n in ("plain", "fsdp"))
+    sp, sf = (torch.load(latest(tmp_path / n) / "state.pt", weights_only=True)["opts"] for n in ("plain", "fsdp"))
     for o in ("g", "d"):
         assert sf[o]["state"].keys() == sp[o]["state"].keys()
         for n, st in sp[o]["state"].items():

@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from imagine_flash.checkpoint import latest
 from imagine_flash.cli import main
 from imagine_flash.config import ConfigError, DistillConfig
 from imagine_flash.scheduler import FlashScheduler
@@ -176,7 +177,7 @@ def test_sd_lora_student_loads_onto_the_teacher_pipeline(tmp_path, sd_teacher):
     out = tmp_path / "run"
     distill(_cfg(out, sd_teacher, lora_rank=4, lora_alpha=8, lr=1e-3, student_steps=2, rollout_weights="ema"),
             dataset=TinyData())
-    ckpt = load_file(out / "ckpt" / "student.safetensors")
+    ckpt = load_file(latest(out) / "student.safetensors")
     assert ckpt and all("lora" in k for k in ckpt)  # only the trainable (adapter) weights are checkpointed
     merged = _load(out / "student")
     teacher = DiffusionPipeline.from_pretrained(sd_teacher)
@@ -200,7 +201,7 @@ def test_resume_equals_uninterrupted_run_in_latent_space(tmp_path, sd_teacher):
     distill(_cfg(tmp_path / "b", sd_teacher, **{**kw, "max_steps": 2}), dataset=TinyData())
     distill(_cfg(tmp_path / "b", sd_teacher, **kw), resume=True, dataset=TinyData())
     assert_same_checkpoints(tmp_path / "a", tmp_path / "b")
-    trained = load_file(tmp_path / "a" / "ckpt" / "student.safetensors")
+    trained = load_file(latest(tmp_path / "a") / "student.safetensors")
     assert any(v.any() for k, v in trained.items() if "lora_B" in k)  # the adapters trained (lora_B starts at 0)
 
 
@@ -317,7 +318,8 @@ def test_hub_id_teacher_from_the_hub_cache(tmp_path, sd_teacher):
     pipe = _load(tmp_path / "run" / "student")
     assert isinstance(pipe.scheduler, FlashScheduler) and pipe.scheduler.config.timesteps == [999, 750, 500]
     # An id that is in neither the cache nor reachable: one line naming it.
-    r = subprocess.run([sys.executable, "-m", "imagine_flash", *args[:2], "tiny-org/missing", *args[3:]], env=env,
+    other = [str(tmp_path / "run2") if a == str(tmp_path / "run") else a for a in args[3:]]  # not a run folder
+    r = subprocess.run([sys.executable, "-m", "imagine_flash", *args[:2], "tiny-org/missing", *other], env=env,
                        capture_output=True, text=True, timeout=600)
     ours = [line for line in r.stderr.splitlines() if line.startswith("imagine-flash distill: error:")]
     assert r.returncode == 2 and len(ours) == 1, r.stderr  # (huggingface_hub may add its own deprecation warning)

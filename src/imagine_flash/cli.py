@@ -8,7 +8,10 @@ import sys
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE.yaml", help="YAML file of config fields")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
-    p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint, "
+                   "with its own config.json (only max_steps, threads, cadences and evaluation options may change)")
+    p.add_argument("--overwrite", action="store_true", help="start afresh in an --out that holds a run, deleting "
+                   "its checkpoints, config, logs and exported model")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
 
 
@@ -34,15 +37,42 @@ def cmd_pretrain(args) -> None:
     from .config import PretrainConfig
     from .validation import validate
 
-    sources = {}
+    explicit, sources = set(), {}
     cfg = _resolve(PretrainConfig(), args, {"out": args.out, "max_steps": args.max_steps, "seed": args.seed},
-                   sources=sources)
+                   explicit, sources)
     validate(cfg, sources)
+    cfg = _run_folder(args, PretrainConfig, cfg, explicit, sources)
     from .pretrain import pretrain
     print(json.dumps(dataclasses.asdict(cfg), indent=2))
     if args.dry_run:
         return
+    _clear_if_overwrite(args, cfg)
     print(pretrain(cfg, resume=args.resume))
+
+
+def _run_folder(args, cls, cfg, explicit: set, sources: dict):
+    """The run folder's rules (docs/runs.md): --resume takes the run's config.json (refusing explicit settings that
+    would change training); a fresh start is refused where a run already is, unless --overwrite."""
+    from pathlib import Path
+
+    from .config import ConfigError
+    from .runs import check_fresh, resume_config
+
+    if args.resume and args.overwrite:
+        raise ConfigError("--resume continues a run and --overwrite deletes it: pass one of them")
+    if args.resume:
+        return resume_config(cls, cfg, explicit, sources)
+    check_fresh(Path(cfg.out), args.overwrite)
+    return cfg
+
+
+def _clear_if_overwrite(args, cfg) -> None:
+    """--overwrite, once every setting has been checked: the old run's files go."""
+    from .runs import clear_run, holds_run
+
+    if args.overwrite and holds_run(cfg.out):
+        clear_run(cfg.out)
+        print(f"--overwrite: deleted the earlier run's files in {cfg.out}", file=sys.stderr)
 
 
 def _note(args, message: str) -> None:
@@ -121,6 +151,7 @@ def cmd_distill(args) -> None:
     if "out" not in explicit:
         cfg.out = run_name(cfg)
     cfg = resolve_variant(cfg, explicit)
+    cfg = _run_folder(args, DistillConfig, cfg, explicit, sources)
     # Optional features that need something this machine may lack: refused now, not after the teacher has loaded.
     if cfg.disc_type == "projected" and cfg.adv_weight > 0:
         check_pretrained(cfg.disc_features, f"disc_features ({where(sources, 'disc_features')})")
@@ -129,6 +160,7 @@ def cmd_distill(args) -> None:
     print(json.dumps(dataclasses.asdict(cfg), indent=2))
     if args.dry_run:
         return
+    _clear_if_overwrite(args, cfg)
     from .train import distill
     student = distill(cfg, resume=args.resume)
     if not is_main_process():  # under a launcher, one process evaluates and writes metrics.json
@@ -310,6 +342,7 @@ def _quiet_third_party() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .checkpoint import CheckpointError
     from .config import ConfigError
     from .data.fashion import DataMissingError
     from .models import ModelFolderError
@@ -320,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     from .eval.extras import ExtraUnavailable
 
     user_errors = (ConfigError, DataMissingError, ModelFolderError, FileNotFoundError, NotADirectoryError,
-                   ExtraUnavailable)
+                   ExtraUnavailable, CheckpointError)
     try:
         from .data.imagefolder import DatasetError
         user_errors += (DatasetError,)

@@ -192,7 +192,7 @@ class DistillConfig:
     gradient_checkpointing: bool = False  # recompute student and discriminator activations in backward
     optimizer: str = "adam"  # adam, or adam8bit (bitsandbytes) for the student and the discriminator
     seed: int = 0  # seeds every random draw (per step, per process)
-    ckpt_every: int = 100  # steps between checkpoints (atomic; 'ckpt' is always complete)
+    ckpt_every: int = 100  # steps between checkpoints (ckpt-<step>/ and the ckpt.json pointer: docs/runs.md)
     sample_every: int = 200  # steps between teacher/student sample grids
     log_every: int = 10  # steps between log rows (and NaN checks)
     eval_samples: int = 500  # generated images per model for metrics.json (0 skips the evaluation)

@@ -11,12 +11,13 @@ import torch
 from tqdm import tqdm
 
 from .backend import set_threads
-from .checkpoint import ema_update, load_checkpoint, save_checkpoint
+from .checkpoint import ema_update, has_checkpoint, load_checkpoint, read_checkpoint, save_checkpoint
 from .config import PretrainConfig, save_config, schedule_config
 from .data.fashion import COLORS, CLASSES, ColoredFashion, caption
 from .data.text import MiniLMTextEncoder
 from .denoisers import Denoiser
 from .models import build_unet, save_model_folder
+from .runs import truncate_log
 from .sampling import scheduler_sample, teacher_scheduler
 from .schedule import eps_loss_weight, make_schedule, q_sample
 from .viz import grid_image, save_png
@@ -41,6 +42,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> Path:
         raise ValueError(f"autocast must be 'no' or 'bf16', not {cfg.autocast!r}")
     set_threads(cfg.threads)
     run = Path(cfg.out)
+    ck = read_checkpoint(run) if resume and has_checkpoint(run) else None  # read whole before anything changes
     run.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run / "config.json")
     torch.manual_seed(cfg.seed)
@@ -58,12 +60,13 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> Path:
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     step = 0
     nets, opts = {"unet": unet, "ema": ema}, {"opt": (unet, opt)}
-    if resume and (run / "ckpt" / "state.pt").is_file():
-        step = load_checkpoint(run, nets, opts)
+    if ck is not None:
+        step = load_checkpoint(ck, nets, opts)
+        truncate_log(run / "log.csv", step)
     meta = {"kind": "imagine-flash teacher", "text_encoder": "all-MiniLM-L6-v2 (per-token, 16 tokens)",
             "resolution": cfg.resolution, "guidance_scale": cfg.guidance_scale, "variant": cfg.variant,
             "dataset": "colored-fashion-mnist"}
-    log = open(run / "log.csv", "a", newline="")
+    log = open(run / "log.csv", "a" if step else "w", newline="")
     writer = csv.writer(log)
     N = len(data)
     bar = tqdm(total=cfg.max_steps, initial=step, desc="pretrain", dynamic_ncols=True)
@@ -101,7 +104,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> Path:
             writer.writerow([step, f"{lv:.5f}", f"{time.time() - t0:.1f}"])
             log.flush()
             if not torch.isfinite(loss):
-                raise RuntimeError(f"loss became {lv} at step {step}; the last good checkpoint is in {run / 'ckpt'}")
+                raise RuntimeError(f"loss became {lv} at step {step}; the last good checkpoint is in {run}")
         if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
             save_checkpoint(run, step, nets, opts, {})
             save_model_folder(run / "model", ema, sched_cfg, {**meta, "steps": step})

@@ -17,13 +17,14 @@ import torch
 from tqdm import tqdm
 
 from .backend import Backend, set_threads
-from .checkpoint import ema_update, load_checkpoint, save_checkpoint, saved_seconds
+from .checkpoint import ema_update, has_checkpoint, load_checkpoint, read_checkpoint, save_checkpoint
 from .config import ConfigError, DistillConfig, method_class, resolve_variant, save_config
 from .denoisers import Denoiser
 from .dist import all_finite
 from .encoders import PixelEncoder
 from .losses import Method, Models, build_method
 from .rng import Shard
+from .runs import refuse_changes, saved_config, truncate_log
 from .schedule import make_schedule
 
 
@@ -94,7 +95,7 @@ class Run:
     """A distillation run, built once (build_run). The loop reads it: only weights and the method's own state change."""
 
     cfg: DistillConfig  # the resolved config: presets applied, the teacher's guidance scale filled in
-    dir: Path  # run folder: config.json, log.csv, ckpt/, samples/, student/
+    dir: Path  # run folder: config.json, log.csv, ckpt.json and ckpt-<step>/, samples/, student/
     backend: Backend  # the processes, and how a model trains across them
     bundle: Any  # the teacher (pipelines.ModelBundle): UNet, schedule, encoder, text encoder, meta
     dataset: Any  # items {"image", "caption"}, or {"caption"} only (has_images False: prompts only)
@@ -124,6 +125,8 @@ def build_run(cfg: DistillConfig, resume: bool = False, teacher_bundle=None, dat
     set_threads(cfg.threads)
     backend = Backend(cfg)
     run = Path(cfg.out)
+    # On resume, the checkpoint is read whole before anything in the run folder changes (config.json, log.csv).
+    ck = read_checkpoint(run, None if backend.is_main else (lambda m: None)) if resume and has_checkpoint(run) else None
     if backend.is_main:
         run.mkdir(parents=True, exist_ok=True)
     # Teacher (a bundle: UNet, schedule, pixel or VAE encoder, text encoder), data.
@@ -144,6 +147,8 @@ def build_run(cfg: DistillConfig, resume: bool = False, teacher_bundle=None, dat
     text(sorted(set(getattr(dataset, "captions", []))) + [""])
     null = text.null_cond().to(backend.device)
     timesteps = method_class(cfg).timesteps(cfg)
+    if ck is not None and (run / "config.json").is_file():  # the run's config is the config (docs/runs.md)
+        refuse_changes(saved_config(DistillConfig, run), cfg, {f.name for f in dataclasses.fields(cfg)})
     if backend.is_main:
         save_config(cfg, run / "config.json")
     # Discriminator (a float32 copy of the teacher's encoder, taken before a LoRA student changes that UNet), student
@@ -163,16 +168,15 @@ def build_run(cfg: DistillConfig, resume: bool = False, teacher_bundle=None, dat
         check_prompts_only(cfg, method)
     nets = {"student": st.state, "ema": st.ema, **({"disc": disc} if disc else {}), **method.extra_nets()}
     start, seconds_before = 0, 0.0
-    resuming = resume and (run / "ckpt" / "state.pt").is_file()
-    if resuming:  # weights before prepare (FSDP then shards them), optimiser state after it
-        start, seconds_before = load_checkpoint(run, nets, {}), saved_seconds(run)
+    if ck is not None:  # weights before prepare (FSDP then shards them), optimiser state after it
+        start, seconds_before = load_checkpoint(ck, nets, {}), ck.seconds
     student, opt_g = backend.prepare(st.net, opt_g, cfg.grad_clip)
     if disc is not None:
         disc, opt_d = backend.prepare(disc, opt_d, 0.0)
     opts = {"g": (backend.unwrap(student), opt_g), **({"d": (backend.unwrap(disc), opt_d)} if opt_d else {})}
-    if resuming:
-        load_checkpoint(run, {}, opts)
-        backend.print(f"resumed from {run / 'ckpt'} at step {start}")
+    if ck is not None:
+        load_checkpoint(ck, {}, opts)
+        backend.print(f"resumed from {ck.dir} at step {start}")
     ema = st.ema.to(backend.device)
     # compile=true: the denoisers call compiled views that share the modules' parameters; the modules themselves
     # (optimisers, EMA, checkpoints, export) stay as they are.
@@ -240,10 +244,10 @@ def train_loop(run: Run) -> tuple[int, float, dict]:
         bar.update(1)
         is_ckpt = step % cfg.ckpt_every == 0 or step == cfg.max_steps
         if step % cfg.log_every == 0 or is_ckpt:
-            # Checked before any checkpoint, so 'ckpt' only ever holds finite weights; all processes stop together.
+            # Checked before any checkpoint, so checkpoints only hold finite weights; all processes stop together.
             if backend.any(bad):
                 raise NonFiniteLoss(f"loss became NaN/inf before step {step}; the last good checkpoint is kept in "
-                                    f"{run.dir / 'ckpt'} (lower --set lr=..., or resume with --resume)")
+                                    f"{run.dir} (lower --set lr=..., or resume with --resume)")
             last = {k: float(v) for k, v in sums.items()}
             bar.set_postfix({k: f"{v:.4f}" for k, v in last.items()})
             if log:
@@ -289,19 +293,21 @@ def _checkpoint(run: Run, step: int, seconds: float) -> None:
     backend = run.backend
     if backend.any(~all_finite(backend.unwrap(run.student))):
         raise NonFiniteLoss(f"the student's weights became NaN/inf at step {step}; the last good checkpoint "
-                            f"is kept in {run.dir / 'ckpt'}")
+                            f"is kept in {run.dir}")
     backend.wait()
     nets = {**run.nets, **({"disc": backend.unwrap(run.disc)} if run.disc is not None else {})}
     save_checkpoint(run.dir, step, nets, run.opts, {"seconds": seconds}, write=backend.is_main)
 
 
 class _Log:
-    """log.csv: one row per logging step (a fresh run writes the header)."""
+    """log.csv: one header, one row per logging step (a resume first drops the rows after its checkpoint)."""
 
     def __init__(self, path: Path, start: int):
-        self.f = open(path, "a", newline="")
+        if start > 0:
+            truncate_log(path, start)
+        self.f = open(path, "a" if start > 0 else "w", newline="")
         self.w = csv.writer(self.f)
-        if start == 0:
+        if start == 0 or self.f.tell() == 0:
             self.w.writerow(["step", "loss", "recon", "adv_g", "disc", "seconds"])
 
     def row(self, step: int, losses: dict, seconds: float) -> None:
