@@ -323,3 +323,28 @@ def test_a_variant_never_overrides_an_explicit_setting(capsys):
     assert resolve_variant(apply_method_defaults(DistillConfig(method="add", variant="no-disc"))).adv_weight == 0.0
     cfg = DistillConfig(variant="no-backward")
     assert resolve_variant(cfg).backward is False and cfg.backward is True  # a copy: the input is not changed
+
+
+@needs_data
+def test_one_flash_step_golden_numbers(tmp_path, tiny_teacher, small_data):
+    """One update of the default method (flash, adversarial term on) from the seeded micro teacher: its losses and the
+    student's weight change equal numbers recorded once (diffusers' scheduler test_full_loop style).
+
+    Recorded on 2026-12-01 at commit 3e62333 (torch CPU, 1 and 2 threads agree to 1e-7) by running this very config
+    and printing log.csv and the sums of (student after - teacher) over all tensors. A change here means the
+    training step itself changed (targets, weighting, RNG use, optimiser): if intended, record the numbers again."""
+    import csv
+
+    from imagine_flash.train import distill
+
+    distill(_cfg(tmp_path / "r", tiny_teacher, max_steps=1, ckpt_every=1), dataset=small_data)
+    row = next(csv.DictReader(open(tmp_path / "r" / "log.csv")))
+    got = {k: float(row[k]) for k in ("loss", "recon", "adv_g", "disc")}
+    want = {"loss": 51.858822, "recon": 51.883713, "adv_g": -0.248922, "disc": 2.023017}
+    for k, v in want.items():
+        assert got[k] == pytest.approx(v, rel=1e-5), (k, got[k])
+    after = load_file(tmp_path / "r" / "ckpt" / "student.safetensors")
+    init = load_file(tiny_teacher / "unet" / "diffusion_pytorch_model.safetensors")
+    delta = [after[k].double() - init[k].double() for k in init]
+    assert sum(d.abs().sum().item() for d in delta) == pytest.approx(34.170146, rel=1e-4)
+    assert sum(d.sum().item() for d in delta) == pytest.approx(-0.0244643, abs=1e-3)  # a sign flip of one tiny gradient moves it by 2 lr
