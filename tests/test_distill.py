@@ -26,6 +26,7 @@ def _cfg(out, teacher, **kw):
 
 @needs_data
 @pytest.mark.parametrize("optimizer", ["adam", "adam8bit"])
+@pytest.mark.slow
 def test_resume_equals_uninterrupted_run(tmp_path, tiny_teacher, small_data, optimizer):
     from imagine_flash.train import distill
 
@@ -49,6 +50,7 @@ def test_resume_equals_uninterrupted_run(tmp_path, tiny_teacher, small_data, opt
 
 
 @needs_data
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_teacher, small_data, monkeypatch):
     from imagine_flash import train
     from imagine_flash.train import NonFiniteLoss, distill
@@ -100,6 +102,7 @@ def test_cli_rejects_non_eps_teacher(tmp_path, tiny_teacher, capsys):
 
 @needs_data
 @needs_inception
+@pytest.mark.slow
 def test_cli_distill_end_to_end(tmp_path, tiny_teacher, monkeypatch):
     """Two student updates through the CLI, then metrics.json, the comparison grid and a sample from the student."""
     monkeypatch.setenv("IMAGINE_FLASH_CACHE", str(tmp_path / "cache"))
@@ -127,6 +130,7 @@ def test_cli_distill_end_to_end(tmp_path, tiny_teacher, monkeypatch):
 
 
 @needs_data
+@pytest.mark.slow
 def test_cli_pretrain_tiny_run_and_resume(tmp_path):
     out = tmp_path / "t"
     args = ["pretrain", "--out", str(out), "--max-steps", "2", "--set", "variant=micro", "--set", "batch_size=8",
@@ -167,6 +171,7 @@ def test_failed_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
 
 
 @needs_data
+@pytest.mark.slow
 def test_grad_accumulation_equals_the_full_batch(tmp_path, tiny_teacher, small_data):
     """batch 4 in 2 micro-batches of 2 gives the update of batch 4 at once: same rows, same draws per sample."""
     from imagine_flash.train import distill
@@ -222,6 +227,7 @@ def test_generator_step_leaves_the_discriminator_gradients_alone():
 
 
 @needs_data
+@pytest.mark.slow
 def test_projected_discriminator_trains_heads_on_a_frozen_backbone(tmp_path, tiny_teacher, small_data):
     """disc_type=projected with a tiny local DINOv2: the heads learn, the feature network never changes."""
     from transformers import Dinov2Config, Dinov2Model
@@ -254,6 +260,7 @@ def test_projected_discriminator_missing_backbone_is_one_line(tmp_path, tiny_tea
 
 
 @needs_data
+@pytest.mark.slow
 def test_bf16_mixed_precision_runs_on_cpu(tmp_path, tiny_teacher, small_data):
     """--set mixed_precision=bf16: autocast through accelerate; the student stays float32 and finite."""
     from accelerate.state import AcceleratorState
@@ -326,6 +333,7 @@ def test_a_variant_never_overrides_an_explicit_setting(capsys):
 
 
 @needs_data
+@pytest.mark.slow
 def test_one_flash_step_golden_numbers(tmp_path, tiny_teacher, small_data):
     """One update of the default method (flash, adversarial term on) from the seeded micro teacher: its losses and the
     student's weight change equal numbers recorded once (diffusers' scheduler test_full_loop style).

@@ -134,6 +134,7 @@ finish(0)  # exit before interpreter teardown: gloo can abort there (pytorch/pyt
 '''
 
 
+@pytest.mark.slow
 def test_fsdp2_shards_gather_for_ema_and_checkpoints(tmp_path):
     """FSDP2 (fully_shard) on 2 CPU processes: the EMA and the checkpoint see whole parameters, and a checkpoint
     resumes into a sharded or an unsharded model, continuing exactly as an uninterrupted run."""
