@@ -13,3 +13,7 @@ demo: setup
 # The test suite (what CI runs).
 test: setup
 	$(PY) -m pytest -q tests
+
+# The fast half (under a minute): math, losses, scheduler, config and CLI errors; no training runs (-m "not slow").
+quick-test: setup
+	$(PY) -m pytest -q -m "not slow" tests

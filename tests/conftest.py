@@ -1,10 +1,29 @@
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
-import pytest
-import torch
-
+# Every cache a test can fill lives in one temporary folder, set before any library reads these variables (the hub
+# and datasets libraries read them at import): FID reference statistics (IMAGINE_FLASH_CACHE), the Hugging Face hub
+# and datasets caches (HF_HOME), and what else defaults to ~/.cache (matplotlib's font list, torch extensions).
+# Subprocesses inherit it. Tests never write into the user's ~/.cache.
+CACHE = Path(tempfile.mkdtemp(prefix="imagine-flash-tests-cache-"))
+for var, sub in (("IMAGINE_FLASH_CACHE", "imagine_flash"), ("HF_HOME", "huggingface"), ("XDG_CACHE_HOME", ""),
+                 ("MPLCONFIGDIR", "matplotlib"), ("TRITON_CACHE_DIR", "triton")):
+    os.environ[var] = str(CACHE / sub)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def test_cache():
+    """The session's cache folder (see CACHE above), removed when the session ends."""
+    yield CACHE
+    shutil.rmtree(CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -180,6 +180,7 @@ def _cfg(out, teacher, method, **kw):
 
 @needs_data
 @pytest.mark.parametrize("method", ["lcm", "add", "progressive"])
+@pytest.mark.slow
 def test_method_trains_exports_and_samples(tmp_path, tiny_teacher, small_data, method):
     from imagine_flash.generate import ModelRunner
     from imagine_flash.train import distill
@@ -203,6 +204,7 @@ class _Killed(Exception):
 
 
 @needs_data
+@pytest.mark.slow
 def test_progressive_resume_across_a_stage_boundary(tmp_path, tiny_teacher, small_data, monkeypatch):
     """Killed after step 2 (a checkpoint), resumed: the stage teacher frozen at step 2 is restored exactly."""
     from imagine_flash import train
@@ -225,6 +227,7 @@ def test_progressive_resume_across_a_stage_boundary(tmp_path, tiny_teacher, smal
 
 
 @pytest.mark.parametrize("method", ["flash", "lcm", "add", "progressive"])
+@pytest.mark.slow
 def test_runner_samples_with_the_exported_scheduler_as_in_training(tmp_path, tiny_teacher, method):
     """ModelRunner on an exported student (scheduler/ as the run wrote it) samples exactly what the training-time
     sampler (Method.scheduler, the sample grids') does, for every method, with per-sample noise for LCM/ADD."""

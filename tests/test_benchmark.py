@@ -1,9 +1,9 @@
-"""`imagine-flash benchmark --quick`: the whole protocol at toy size, end to end (a few minutes on 2 cores)."""
+"""`imagine-flash benchmark`: the findings on given numbers, and `--quick` end to end on a few rows (about a minute)."""
 import json
 
 import pytest
 
-from imagine_flash.benchmark import ROWS, findings
+from imagine_flash.benchmark import ROWS, STUDENTS, findings
 
 from conftest import needs_data, needs_inception
 
@@ -23,18 +23,32 @@ def test_findings_are_judged_on_the_numbers():
     assert got["flash-3 ms/image at least 15x smaller than teacher-dpmpp-25"] is True
 
 
+def test_protocol_has_every_row_and_student():
+    assert len(ROWS) == 18 and len(STUDENTS) == 10
+    assert {r.student for r in ROWS if r.student} == {key for key, *_ in STUDENTS}
+    assert (ROWS[0].method, ROWS[0].steps) == ("teacher-dpmpp", 25)  # the reference of Table 4
+
+
 @needs_data
 @needs_inception
 @pytest.mark.slow
-def test_benchmark_quick_end_to_end(tmp_path):
+def test_benchmark_quick_end_to_end(tmp_path, monkeypatch):
+    """`benchmark --quick` on two students and three of the protocol's rows (the reference, a baseline, flash):
+    training, measuring, results.json/md, the plots, the grid, and resuming. All 18 rows are the same code path;
+    the findings on them are judged in test_findings_are_judged_on_the_numbers."""
     from PIL import Image
 
+    from imagine_flash import benchmark
     from imagine_flash.cli import main
 
+    rows = [r for r in ROWS if r.key in ("teacher-dpmpp-full-25", "lcm-full-1", "flash-full-1")]
+    monkeypatch.setattr(benchmark, "ROWS", rows)
+    monkeypatch.setattr(benchmark, "STUDENTS", [s for s in STUDENTS if s[0] in ("lcm", "flash-1")])
     out = tmp_path / "bench"
-    assert main(["benchmark", "--quick", "--out", str(out), "--threads", "2"]) == 0
+    argv = ["benchmark", "--quick", "--out", str(out), "--threads", "2", "--fid-reference", "64"]
+    assert main(argv) == 0
     res = json.loads((out / "results.json").read_text())
-    assert len(res["rows"]) == len(ROWS) == 18
+    assert [(r["method"], r["steps"]) for r in res["rows"]] == [("teacher-dpmpp", 25), ("lcm", 1), ("flash", 1)]
     keys = {"method", "steps", "variant", "nfe", "fid", "kid", "fid_indomain", "color_acc", "class_acc",
             "ms_per_image", "rel_fid", "rel_alignment", "train_minutes"}
     for r in res["rows"]:
@@ -43,8 +57,9 @@ def test_benchmark_quick_end_to_end(tmp_path):
     assert res["rows"][0]["rel_fid"] == 100.0
     for f in ("results.md", "fid_vs_steps.png", "alignment_vs_steps.png", "fid_vs_ms.png", "grid.png"):
         assert (out / f).is_file(), f
-    assert Image.open(out / "grid.png").height > 18 * 16 * 4  # one row of 8 images per benchmark row
+    assert Image.open(out / "grid.png").height > len(rows) * 16 * 4  # one row of 8 images per benchmark row
     # Resumable: a second run recomputes nothing (every student and row is found on disk).
     stamp = {p: p.stat().st_mtime_ns for p in (out / "rows").glob("*.json")}
-    assert main(["benchmark", "--quick", "--out", str(out), "--threads", "2"]) == 0
+    assert len(stamp) == len(rows)
+    assert main(argv) == 0
     assert {p: p.stat().st_mtime_ns for p in (out / "rows").glob("*.json")} == stamp

@@ -260,6 +260,7 @@ def test_prompts_only_refuses_configs_that_need_images():
     one_line(lambda: check(cfg), "method=lcm", "--method flash", error=ConfigError)
 
 
+@pytest.mark.slow
 def test_prompts_only_distill_never_reads_data(tmp_path, tiny_teacher, monkeypatch):
     """The student's inputs come from its own rollout: forward-noising data is never called, and x0_real is zeros."""
     from imagine_flash.losses import flash
@@ -285,6 +286,7 @@ def test_prompts_only_distill_never_reads_data(tmp_path, tiny_teacher, monkeypat
     assert not (tmp_path / "run2" / "log.csv").exists()
 
 
+@pytest.mark.slow
 def test_cli_prompts_only_end_to_end(tmp_path, tiny_teacher, capsys):
     p = tmp_path / "prompts.txt"
     p.write_text("a red sneaker\na blue ankle boot\na green bag\n")

@@ -36,7 +36,7 @@ train.ema_update, train.distill = record, distill
 out, teacher = sys.argv[1], sys.argv[2]
 sys.exit(cli.main(["distill", "--teacher", teacher, "--out", out, "--max-steps", "2", "--eval-samples", "4",
                    *[a for kv in ("batch_size=4", "k=2", "ckpt_every=2", "sample_every=100", "log_every=1",
-                                  "adv_weight=0.1", "threads=1") for a in ("--set", kv)]]))
+                                  "adv_weight=0.1", "threads=1", "fid_reference=16") for a in ("--set", kv)]]))
 '''
 
 
@@ -136,6 +136,7 @@ finish(0)  # exit before interpreter teardown: gloo can abort there (pytorch/pyt
 '''
 
 
+@pytest.mark.slow
 def test_fsdp2_shards_gather_for_ema_and_checkpoints(tmp_path):
     """FSDP2 (fully_shard) on 2 CPU processes: the EMA and the checkpoint see whole parameters, and a checkpoint
     resumes into a sharded or an unsharded model, continuing exactly as an uninterrupted run."""
@@ -233,9 +234,26 @@ finish(0)  # exit before interpreter teardown: gloo can abort there (pytorch/pyt
 '''
 
 
+def _launch(cmd, tmp_path, name, teacher, steps, *extra):
+    """One DS_WORKER run (plain Python or an accelerate launch) into tmp_path/name; it must exit 0."""
+    (tmp_path / "worker.py").write_text(DS_WORKER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd + [str(tmp_path / "worker.py"), str(tmp_path / name), str(teacher), str(steps), *extra],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return tmp_path / name
+
+
+@pytest.fixture(scope="module")
+def plain_run(tmp_path_factory, tiny_teacher):
+    """The one-process reference (no DeepSpeed, no FSDP) of DS_WORKER's config, 4 updates: both backend tests compare
+    with it, so it is trained once for the module."""
+    return _launch([sys.executable], tmp_path_factory.mktemp("plain"), "plain", tiny_teacher, 4)
+
+
 @needs_data
 @pytest.mark.slow
-def test_deepspeed_zero2_equals_plain_and_resumes_exactly(tmp_path, tiny_teacher):
+def test_deepspeed_zero2_equals_plain_and_resumes_exactly(tmp_path, tiny_teacher, plain_run):
     """configs/accelerate/deepspeed_zero2.yaml, one CPU process (accelerate runs DeepSpeed on CPU as one process):
     the student and the discriminator each train in a ZeRO-2 engine, with 2 accumulated micro-batches, and
     - the weights equal a plain run's, up to float rounding (same batches, same clipping, same Adam);
@@ -246,21 +264,19 @@ def test_deepspeed_zero2_equals_plain_and_resumes_exactly(tmp_path, tiny_teacher
     pytest.importorskip("deepspeed")
     import json
 
-    (tmp_path / "worker.py").write_text(DS_WORKER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     ds = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
           str(ROOT / "configs" / "accelerate" / "deepspeed_zero2.yaml"), "--num_processes", "1",
           "--main_process_port", "29523"]
     ds2 = [*ds[:-3], "2", "--main_process_port", "29524"]
-    for name, cmd, steps, extra in (("plain", [sys.executable], 4, []), ("ds", ds, 4, []),
-                                    ("res", ds, 2, []), ("res", ds, 4, ["--resume"]), ("two", ds2, 4, ["--cpu-world"])):
-        r = subprocess.run(cmd + [str(tmp_path / "worker.py"), str(tmp_path / name), str(tiny_teacher), str(steps),
-                                  *extra], env=env, capture_output=True, text=True, timeout=600)
-        assert r.returncode == 0, r.stderr[-3000:]
+    runs = {"plain": plain_run}
+    for name, cmd, steps, extra in (("ds", ds, 4, []), ("res", ds, 2, []), ("res", ds, 4, ["--resume"]),
+                                    ("two", ds2, 4, ["--cpu-world"])):
+        runs[name] = _launch(cmd, tmp_path, name, tiny_teacher, steps, *extra)
+    for name, run in runs.items():
         for rank in range(2 if name == "two" else 1):
-            engines = json.loads((tmp_path / name / f"engines{rank}.json").read_text())
+            engines = json.loads((run / f"engines{rank}.json").read_text())
             assert engines == ([False] if name == "plain" else [True])
-    plain, dsw, res, two0, two1 = (load_file(tmp_path / n / f"final{r}.safetensors")
+    plain, dsw, res, two0, two1 = (load_file(runs[n] / f"final{r}.safetensors")
                                    for n, r in (("plain", 0), ("ds", 0), ("res", 0), ("two", 0), ("two", 1)))
     init = load_file(tiny_teacher / "unet" / "diffusion_pytorch_model.safetensors")
     assert any(not torch.equal(plain[k], init[k].float()) for k in plain)  # training moved the weights
@@ -269,9 +285,9 @@ def test_deepspeed_zero2_equals_plain_and_resumes_exactly(tmp_path, tiny_teacher
         assert torch.equal(res[k], dsw[k]), k
         assert torch.equal(two0[k], two1[k]), k
         torch.testing.assert_close(two0[k], plain[k], rtol=1e-4, atol=2e-5)  # as the DDP test: other reductions
-    sp = torch.load(latest(tmp_path / "plain") / "state.pt", weights_only=True)["opts"]
+    sp = torch.load(latest(plain_run) / "state.pt", weights_only=True)["opts"]
     for run in ("ds", "two"):
-        sd = torch.load(latest(tmp_path / run) / "state.pt", weights_only=True)["opts"]
+        sd = torch.load(latest(runs[run]) / "state.pt", weights_only=True)["opts"]
         for o in ("g", "d"):
             assert sd[o]["param_groups"] == sp[o]["param_groups"]
             assert sd[o]["state"].keys() == sp[o]["state"].keys()
@@ -283,7 +299,7 @@ def test_deepspeed_zero2_equals_plain_and_resumes_exactly(tmp_path, tiny_teacher
 
 @needs_data
 @pytest.mark.slow
-def test_accelerate_fsdp2_launch_equals_one_process_and_resumes(tmp_path, tiny_teacher):
+def test_accelerate_fsdp2_launch_equals_one_process_and_resumes(tmp_path, tiny_teacher, plain_run):
     """`accelerate launch --config_file configs/accelerate/fsdp2.yaml --num_processes 2`, the real distill loop with
     accelerate's own FSDP2 wrapping (accelerate enables FSDP on GPUs only, so the worker switches it on for CPU/gloo):
     every student parameter is sharded, the gathered weights and Adam state equal a one-process run's, and a run
@@ -291,26 +307,21 @@ def test_accelerate_fsdp2_launch_equals_one_process_and_resumes(tmp_path, tiny_t
     indices, so this also checks that the processes' rollouts make the same forward calls (FSDP all-gathers in each)."""
     import json
 
-    (tmp_path / "worker.py").write_text(DS_WORKER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     fsdp = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
             str(ROOT / "configs" / "accelerate" / "fsdp2.yaml"), "--num_processes", "2", "--mixed_precision", "no",
             "--main_process_port"]
-    for name, cmd, steps, extra in (("plain", [sys.executable], 4, []), ("fsdp", fsdp + ["29525"], 4, ["--fsdp-cpu"]),
-                                    ("res", fsdp + ["29526"], 2, ["--fsdp-cpu"]),
-                                    ("res", fsdp + ["29527"], 4, ["--fsdp-cpu", "--resume"])):
-        r = subprocess.run(cmd + [str(tmp_path / "worker.py"), str(tmp_path / name), str(tiny_teacher), str(steps),
-                                  *extra], env=env, capture_output=True, text=True, timeout=600)
-        assert r.returncode == 0, r.stderr[-3000:]
+    for name, port, steps, extra in (("fsdp", "29525", 4, []), ("res", "29526", 2, []),
+                                     ("res", "29527", 4, ["--resume"])):
+        _launch(fsdp + [port], tmp_path, name, tiny_teacher, steps, "--fsdp-cpu", *extra)
     for rank in (0, 1):
         assert json.loads((tmp_path / "fsdp" / f"sharded{rank}.json").read_text()) is True
-    plain = load_file(tmp_path / "plain" / "final0.safetensors")
+    plain = load_file(plain_run / "final0.safetensors")
     f0, f1, res = (load_file(tmp_path / n / f"final{r}.safetensors") for n, r in (("fsdp", 0), ("fsdp", 1), ("res", 0)))
     for k in plain:
         assert torch.equal(f0[k], f1[k]), k
         torch.testing.assert_close(f0[k], plain[k], rtol=1e-4, atol=2e-5)
         assert torch.equal(res[k], f0[k]), k
-    sp, sf = (torch.load(latest(tmp_path / n) / "state.pt", weights_only=True)["opts"] for n in ("plain", "fsdp"))
+    sp, sf = (torch.load(latest(p) / "state.pt", weights_only=True)["opts"] for p in (plain_run, tmp_path / "fsdp"))
     for o in ("g", "d"):
         assert sf[o]["state"].keys() == sp[o]["state"].keys()
         for n, st in sp[o]["state"].items():

@@ -106,6 +106,7 @@ def real64():
 
 @needs_data
 @needs_inception
+@pytest.mark.slow
 def test_inception_features_deterministic_and_fid_self_zero(real64):
     net = fidlib.InceptionFeatures(batch=32)
     feats = net(real64)
@@ -131,6 +132,7 @@ def test_classifier_shapes_and_alignment():
 
 
 @needs_data
+@pytest.mark.slow
 def test_train_classifier_writes_folder(tmp_path):
     metrics = train_classifier(tmp_path, steps=2, batch_size=32)
     assert {p.name for p in tmp_path.iterdir()} >= {"classifier.safetensors", "config.json", "metrics.json", "README.md"}
@@ -140,6 +142,7 @@ def test_train_classifier_writes_folder(tmp_path):
 
 
 @needs_data
+@pytest.mark.slow
 def test_shipped_classifier_reproduces_its_metrics():
     metrics = json.loads((ASSET_DIR / "metrics.json").read_text())
     test = ColoredFashion("test", 16, metrics["seed"])

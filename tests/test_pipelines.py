@@ -133,6 +133,7 @@ def _check_parity_with_runner(student_dir, pipe):
     torch.testing.assert_close(ours, theirs.clamp(-1, 1), atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_sd_pipeline_distil_export_reload(tmp_path, sd_teacher):
     """(a) Distil an SD-like pipeline through the CLI (imagefolder data), export, reload, sample 3 steps."""
     from diffusers import StableDiffusionPipeline
@@ -167,6 +168,7 @@ def test_sd_pipeline_distil_export_reload(tmp_path, sd_teacher):
     assert any(not torch.equal(t[k], s[k]) for k in t)
 
 
+@pytest.mark.slow
 def test_sd_lora_student_loads_onto_the_teacher_pipeline(tmp_path, sd_teacher):
     """(b) A LoRA student: pytorch_lora_weights.safetensors loads onto the teacher pipeline and changes its output
     to that of the exported (merged) student pipeline, lora_alpha != rank included."""
@@ -191,6 +193,7 @@ def test_sd_lora_student_loads_onto_the_teacher_pipeline(tmp_path, sd_teacher):
     torch.testing.assert_close(with_lora, _pipe_images(merged, "a red shoe", x_T), atol=2e-6, rtol=0)
 
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted_run_in_latent_space(tmp_path, sd_teacher):
     """(c) A LoRA student (EMA rollout, discriminator) killed after a checkpoint and resumed equals an uninterrupted
     run: the adapters, their EMA, the discriminator."""
@@ -205,6 +208,7 @@ def test_resume_equals_uninterrupted_run_in_latent_space(tmp_path, sd_teacher):
     assert any(v.any() for k, v in trained.items() if "lora_B" in k)  # the adapters trained (lora_B starts at 0)
 
 
+@pytest.mark.slow
 def test_sdxl_pipeline_distil_export_reload(tmp_path, sdxl_teacher):
     """(d) An SDXL-like teacher (two text encoders, pooled text_embeds and time_ids) distils and exports."""
     from diffusers import StableDiffusionXLPipeline
@@ -221,6 +225,7 @@ def test_sdxl_pipeline_distil_export_reload(tmp_path, sdxl_teacher):
     _check_parity_with_runner(out / "student", pipe)
 
 
+@pytest.mark.slow
 def test_sdxl_null_cond_is_the_pipelines_negative(sdxl_teacher):
     """SDXL's pipeline zeros the unconditional branch (force_zeros_for_empty_prompt); the teacher's CFG must too."""
     from imagine_flash.pipelines import load_bundle
@@ -269,6 +274,7 @@ def test_guidance_input_leaves_outputs_unchanged():
         assert torch.equal(g(x, t, ehs, timestep_cond=torch.randn(2, 256)).sample, unet(x, t, ehs).sample)
 
 
+@pytest.mark.slow
 def test_bad_pipeline_teachers_are_one_line_errors(tmp_path, sd_teacher, capsys):
     flux = tmp_path / "flux"
     shutil.copytree(sd_teacher, flux)
@@ -295,6 +301,7 @@ def test_adam8bit_without_bitsandbytes_is_a_one_line_error(monkeypatch):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.slow
 def test_hub_id_teacher_from_the_hub_cache(tmp_path, sd_teacher):
     """`--teacher org/name` resolves a hub id through huggingface_hub (here from a pre-filled cache, offline), distils,
     and exports a pipeline re-read from the same id. Only the download itself is not exercised (no hub access)."""
