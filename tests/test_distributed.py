@@ -299,7 +299,7 @@ def test_deepspeed_zero2_equals_plain_and_resumes_exactly(tmp_path, tiny_teacher
 
 @needs_data
 @pytest.mark.slow
-def test_accelerate_fsdp2_launch_equals_one_process_and_resumes(tmp_path, tiny_teacher, plain_run):
+def test_accelerate_fsdp2_launch_equals_one_process_and_resumes(tmp_path, tiny_teacher):
     """`accelerate launch --config_file configs/accelerate/fsdp2.yaml --num_processes 2`, the real distill loop with
     accelerate's own FSDP2 wrapping (accelerate enables FSDP on GPUs only, so the worker switches it on for CPU/gloo):
     every student parameter is sharded, the gathered weights and Adam state equal a one-process run's, and a run
@@ -310,6 +310,8 @@ def test_accelerate_fsdp2_launch_equals_one_process_and_resumes(tmp_path, tiny_t
     fsdp = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
             str(ROOT / "configs" / "accelerate" / "fsdp2.yaml"), "--num_processes", "2", "--mixed_precision", "no",
             "--main_process_port"]
+    # Its own plain reference: sharing the DeepSpeed test's (the module's plain_run fixture) failed a tolerance here.
+    plain_run = _launch([sys.executable], tmp_path, "plain", tiny_teacher, 4)
     for name, port, steps, extra in (("fsdp", "29525", 4, []), ("res", "29526", 2, []),
                                      ("res", "29527", 4, ["--resume"])):
         _launch(fsdp + [port], tmp_path, name, tiny_teacher, steps, "--fsdp-cpu", *extra)
