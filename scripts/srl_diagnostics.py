@@ -14,7 +14,7 @@ import torch
 
 from imagine_flash.data.fashion import eval_prompts
 from imagine_flash.denoisers import Denoiser
-from imagine_flash.eval.metrics import real_reference
+from imagine_flash.eval.metrics import real_reference, speckle
 from imagine_flash.generate import ModelRunner
 from imagine_flash.losses.flash import srl_target
 from imagine_flash.sampling import flash_step, next_timesteps
@@ -22,8 +22,7 @@ from imagine_flash.sampling import flash_step, next_timesteps
 
 def stats(x: torch.Tensor) -> dict:
     x = x.clamp(-1, 1)
-    lap = 4 * x[..., 1:-1, 1:-1] - x[..., :-2, 1:-1] - x[..., 2:, 1:-1] - x[..., 1:-1, :-2] - x[..., 1:-1, 2:]
-    return {"mean": x.mean().item(), "std": x.std().item(), "HF": lap.square().mean().item()}
+    return {"mean": x.mean().item(), "std": x.std().item(), "HF": speckle(x).item()}
 
 
 def show(name: str, x: torch.Tensor, extra: str = "") -> None:

@@ -16,17 +16,10 @@ import torch
 
 from imagine_flash.data.fashion import caption, eval_prompts
 from imagine_flash.denoisers import Denoiser
-from imagine_flash.eval.metrics import real_reference
+from imagine_flash.eval.metrics import real_reference, speckle
 from imagine_flash.generate import ModelRunner
 from imagine_flash.sampling import ddim_sample
 from imagine_flash.schedule import q_sample, uniform_timesteps, x0_from_eps
-
-
-def hf(x: torch.Tensor) -> float:
-    """Mean squared 4-neighbour Laplacian of clamped pixels: high-frequency energy ('speckle')."""
-    x = x.clamp(-1, 1)
-    lap = 4 * x[..., 1:-1, 1:-1] - x[..., :-2, 1:-1] - x[..., 2:, 1:-1] - x[..., 1:-1, :-2] - x[..., 1:-1, 2:]
-    return lap.square().mean().item()
 
 
 @torch.inference_mode()
@@ -57,7 +50,7 @@ def measure(folder, n: int, gammas: list[int], k: int) -> dict:
     out["x0_mse_tT"] = (x0_hat - real).square().mean().item()
     out["mean_image_mse"] = (real.mean(0, keepdim=True) - real).square().mean().item()
     samples, _ = runner.sample(prompts, list(range(n)), steps=25, guidance_scale=1.0)
-    out["hf_real"], out["hf_unguided"] = hf(real), hf(samples)
+    out["hf_real"], out["hf_unguided"] = speckle(real).item(), speckle(samples).item()
     out["hf_ratio"] = out["hf_unguided"] / out["hf_real"]
     return out
 

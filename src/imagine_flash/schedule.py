@@ -115,19 +115,23 @@ def trailing_timesteps(n: int, num_train_timesteps: int = 1000) -> list[int]:
     return [int(round(num_train_timesteps - j * num_train_timesteps / n)) - 1 for j in range(n)]
 
 
+def snr(alpha_t, sigma_t) -> torch.Tensor:
+    """Signal-to-noise ratio alpha_t^2 / sigma_t^2: an x0-space squared error times it is the eps-space one (Eq. 5)."""
+    return torch.as_tensor(alpha_t) ** 2 / torch.as_tensor(sigma_t) ** 2
+
+
 def truncated_snr_weight(alpha_t, sigma_t) -> torch.Tensor:
     """Salimans & Ho 2022 'truncated SNR' loss weight for an x0-space loss: max(alpha_t^2 / sigma_t^2, 1)."""
-    return torch.clamp(torch.as_tensor(alpha_t) ** 2 / torch.as_tensor(sigma_t) ** 2, min=1.0)
+    return torch.clamp(snr(alpha_t, sigma_t), min=1.0)
 
 
 def eps_loss_weight(alpha_t, sigma_t, kind: str = "eps") -> torch.Tensor:
     """Weight of the eps-MSE per timestep: 1 ('eps', DDPM) or max(1, sigma_t^2 / alpha_t^2) ('trunc-snr', Salimans
     & Ho 2022: the larger of the eps and the x0 squared error, since |x0 - x0_hat| = sigma_t / alpha_t |eps - eps_hat|)."""
-    alpha_t, sigma_t = torch.as_tensor(alpha_t), torch.as_tensor(sigma_t)
     if kind == "eps":
-        return torch.ones_like(alpha_t)
+        return torch.ones_like(torch.as_tensor(alpha_t))
     if kind == "trunc-snr":
-        return torch.clamp(sigma_t ** 2 / alpha_t ** 2, min=1.0)
+        return torch.clamp(1 / snr(alpha_t, sigma_t), min=1.0)
     raise ValueError(f"unknown loss weight {kind!r}; use 'eps' or 'trunc-snr'")
 
 

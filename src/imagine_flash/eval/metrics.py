@@ -19,6 +19,13 @@ def real_reference(n: int, resolution: int):
     return test.images[:n], test.colors[:n], test.classes[:n]
 
 
+def speckle(x: torch.Tensor) -> torch.Tensor:
+    """High-frequency energy: the mean squared 4-neighbour Laplacian of pixels clamped to [-1, 1]."""
+    x = x.clamp(-1, 1)
+    lap = 4 * x[..., 1:-1, 1:-1] - x[..., :-2, 1:-1] - x[..., 2:, 1:-1] - x[..., 1:-1, :-2] - x[..., 1:-1, 2:]
+    return lap.square().mean()
+
+
 def _kid_value(k):
     return float(k[0] if isinstance(k, (tuple, list)) else k)
 

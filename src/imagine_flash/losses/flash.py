@@ -10,7 +10,7 @@ from ..config import ConfigError
 from ..denoisers import Cond
 from ..rng import randint, randn
 from ..sampling import ddim_sample, rollout
-from ..schedule import STUDENT_TIMESTEPS, Schedule, gamma_shift, q_sample, uniform_timesteps, x0_from_eps
+from ..schedule import STUDENT_TIMESTEPS, Schedule, gamma_shift, q_sample, snr, uniform_timesteps, x0_from_eps
 from .method import Method
 
 
@@ -79,11 +79,6 @@ def srl_eq7_target(teacher, x0_student: torch.Tensor, x_t: torch.Tensor, t: torc
         chi = torch.where(last.reshape(-1, 1, 1, 1), x_t, chi)
         target = ddim_sample(teacher, chi, cond, uniform_timesteps(t_start, k), schedule)
     return target.clone()
-
-
-def snr_weight(alpha_t, sigma_t) -> torch.Tensor:
-    """alpha_t^2 / sigma_t^2: an x0-space squared error times this is the eps-space one (Eq. 5)."""
-    return torch.as_tensor(alpha_t) ** 2 / torch.as_tensor(sigma_t) ** 2
 
 
 class FlashLoss(Method):
@@ -164,7 +159,7 @@ class FlashLoss(Method):
             return out
         out["recon"] = (target - x0_hat).square().flatten(1).mean(1)
         if self.recon_weight == "snr":
-            out["recon"] = out["recon"] * snr_weight(self.schedule.alpha(inp.t), self.schedule.sigma(inp.t)).to(x0_hat)
+            out["recon"] = out["recon"] * snr(self.schedule.alpha(inp.t), self.schedule.sigma(inp.t)).to(x0_hat)
         if self.step_weights is not None:  # w_i per sample, by the student step it was drawn at
             out["recon"] = out["recon"] * self.step_weights.to(x0_hat)[inp.step_index]
         return out
