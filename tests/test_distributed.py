@@ -36,7 +36,7 @@ train.ema_update, train.distill = record, distill
 out, teacher = sys.argv[1], sys.argv[2]
 sys.exit(cli.main(["distill", "--teacher", teacher, "--out", out, "--max-steps", "2", "--eval-samples", "4",
                    *[a for kv in ("batch_size=4", "k=2", "ckpt_every=2", "sample_every=100", "log_every=1",
-                                  "adv_weight=0.1", "threads=1", "fid_reference=16") for a in ("--set", kv)]]))
+                                  "adv_weight=0.1", "threads=1", "fid_reference=16", "teacher_dtype=fp32") for a in ("--set", kv)]]))
 '''
 
 
@@ -220,7 +220,8 @@ def is_engine(model):
 train.ema_update, backend._is_engine = record, is_engine
 out, teacher, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
 cfg = DistillConfig(out=out, teacher=teacher, batch_size=4, grad_accum=2, k=2, max_steps=steps, ckpt_every=2,
-                    sample_every=100, log_every=1, eval_samples=0, adv_weight=0.1, threads=1)
+                    sample_every=100, log_every=1, eval_samples=0, adv_weight=0.1, threads=1,
+                    teacher_dtype="fp32")  # auto is bf16 on CPUs with native bf16: its rounding depends on batch shape
 train.distill(cfg, resume="--resume" in sys.argv)
 rank = PartialState().process_index
 from imagine_flash.dist import full_state_dict  # a collective when sharded
@@ -284,7 +285,7 @@ def test_deepspeed_zero2_equals_plain_and_resumes_exactly(tmp_path, tiny_teacher
         torch.testing.assert_close(dsw[k], plain[k], rtol=1e-4, atol=2e-6)
         assert torch.equal(res[k], dsw[k]), k
         assert torch.equal(two0[k], two1[k]), k
-        torch.testing.assert_close(two0[k], plain[k], rtol=1e-4, atol=5e-5)  # other reductions; 3.4e-5 in 1 of 13,824 seen (unexplained)
+        torch.testing.assert_close(two0[k], plain[k], rtol=1e-4, atol=2e-5)  # other reductions
     sp = torch.load(latest(plain_run) / "state.pt", weights_only=True)["opts"]
     for run in ("ds", "two"):
         sd = torch.load(latest(runs[run]) / "state.pt", weights_only=True)["opts"]
@@ -321,7 +322,7 @@ def test_accelerate_fsdp2_launch_equals_one_process_and_resumes(tmp_path, tiny_t
     f0, f1, res = (load_file(tmp_path / n / f"final{r}.safetensors") for n, r in (("fsdp", 0), ("fsdp", 1), ("res", 0)))
     for k in plain:
         assert torch.equal(f0[k], f1[k]), k
-        torch.testing.assert_close(f0[k], plain[k], rtol=1e-4, atol=5e-5)  # as the ZeRO-2 check above
+        torch.testing.assert_close(f0[k], plain[k], rtol=1e-4, atol=2e-5)
         assert torch.equal(res[k], f0[k]), k
     sp, sf = (torch.load(latest(p) / "state.pt", weights_only=True)["opts"] for p in (plain_run, tmp_path / "fsdp"))
     for o in ("g", "d"):
