@@ -51,13 +51,19 @@ def test_two_processes_equal_one(tmp_path, tiny_teacher):
         pytest.skip("accelerate's launcher is not on PATH")
     (tmp_path / "worker.py").write_text(WORKER)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # no ACCELERATE_USE_CPU: distill picks gloo on a CPU machine
+    procs = {}
     for name, cmd in (("two", [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517"]),
-                      ("one", [sys.executable])):
-        r = subprocess.run(cmd + [str(tmp_path / "worker.py"), str(tmp_path / name), str(tiny_teacher)], env=env,
-                           capture_output=True, text=True, timeout=600)
-        assert r.returncode == 0, r.stderr[-3000:]
-        assert r.stdout.count("student written to") == 1, r.stdout[-3000:]  # one process evaluates
+                      ("one", [sys.executable])):  # side by side (one thread per process), output in files
+        out, err = open(tmp_path / f"{name}.out", "w+"), open(tmp_path / f"{name}.err", "w+")
+        procs[name] = (subprocess.Popen(cmd + [str(tmp_path / "worker.py"), str(tmp_path / name), str(tiny_teacher)],
+                                        env=env, stdout=out, stderr=err, text=True), out, err)
+    for name, (proc, out, err) in procs.items():
+        code = proc.wait(timeout=600)
+        out.seek(0), err.seek(0)
+        stdout, stderr = out.read(), err.read()
+        assert code == 0, stderr[-3000:]
+        assert stdout.count("student written to") == 1, stdout[-3000:]  # one process evaluates
         assert (tmp_path / name / "metrics.json").is_file()
     r0 = load_file(tmp_path / "two" / "rank0of2.safetensors")
     r1 = load_file(tmp_path / "two" / "rank1of2.safetensors")
@@ -235,14 +241,29 @@ finish(0)  # exit before interpreter teardown: gloo can abort there (pytorch/pyt
 '''
 
 
-def _launch(cmd, tmp_path, name, teacher, steps, *extra):
-    """One DS_WORKER run (plain Python or an accelerate launch) into tmp_path/name; it must exit 0."""
+def _start(cmd, tmp_path, name, teacher, steps, *extra):
+    """Start one DS_WORKER run (plain Python or an accelerate launch) into tmp_path/name, its output in a log file."""
     (tmp_path / "worker.py").write_text(DS_WORKER)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(cmd + [str(tmp_path / "worker.py"), str(tmp_path / name), str(teacher), str(steps), *extra],
-                       env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return tmp_path / name
+    log = open(tmp_path / f"{name}-{steps}.log", "w+")
+    proc = subprocess.Popen(cmd + [str(tmp_path / "worker.py"), str(tmp_path / name), str(teacher), str(steps),
+                                   *extra], env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    return proc, log, tmp_path / name
+
+
+def _together(*jobs):
+    """Wait for runs started with _start (independent ones run side by side: each process has one thread); each must
+    exit 0. Returns their folders."""
+    for proc, log, _ in jobs:
+        code = proc.wait(timeout=600)
+        log.seek(0)
+        assert code == 0, log.read()[-3000:]
+    return [path for _, _, path in jobs]
+
+
+def _launch(cmd, tmp_path, name, teacher, steps, *extra):
+    """One DS_WORKER run into tmp_path/name; it must exit 0."""
+    return _together(_start(cmd, tmp_path, name, teacher, steps, *extra))[0]
 
 
 @pytest.fixture(scope="module")
@@ -270,9 +291,10 @@ def test_deepspeed_zero2_equals_plain_and_resumes_exactly(tmp_path, tiny_teacher
           "--main_process_port", "29523"]
     ds2 = [*ds[:-3], "2", "--main_process_port", "29524"]
     runs = {"plain": plain_run}
-    for name, cmd, steps, extra in (("ds", ds, 4, []), ("res", ds, 2, []), ("res", ds, 4, ["--resume"]),
-                                    ("two", ds2, 4, ["--cpu-world"])):
-        runs[name] = _launch(cmd, tmp_path, name, tiny_teacher, steps, *extra)
+    runs["ds"], _ = _together(_start(ds, tmp_path, "ds", tiny_teacher, 4),  # one process each: side by side
+                              _start(ds[:-1] + ["29525"], tmp_path, "res", tiny_teacher, 2))
+    runs["res"], runs["two"] = _together(_start(ds, tmp_path, "res", tiny_teacher, 4, "--resume"),
+                                         _start(ds2, tmp_path, "two", tiny_teacher, 4, "--cpu-world"))
     for name, run in runs.items():
         for rank in range(2 if name == "two" else 1):
             engines = json.loads((run / f"engines{rank}.json").read_text())
@@ -300,7 +322,7 @@ def test_deepspeed_zero2_equals_plain_and_resumes_exactly(tmp_path, tiny_teacher
 
 @needs_data
 @pytest.mark.slow
-def test_accelerate_fsdp2_launch_equals_one_process_and_resumes(tmp_path, tiny_teacher):
+def test_accelerate_fsdp2_launch_equals_one_process_and_resumes(tmp_path, tiny_teacher, plain_run):
     """`accelerate launch --config_file configs/accelerate/fsdp2.yaml --num_processes 2`, the real distill loop with
     accelerate's own FSDP2 wrapping (accelerate enables FSDP on GPUs only, so the worker switches it on for CPU/gloo):
     every student parameter is sharded, the gathered weights and Adam state equal a one-process run's, and a run
@@ -311,11 +333,9 @@ def test_accelerate_fsdp2_launch_equals_one_process_and_resumes(tmp_path, tiny_t
     fsdp = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
             str(ROOT / "configs" / "accelerate" / "fsdp2.yaml"), "--num_processes", "2", "--mixed_precision", "no",
             "--main_process_port"]
-    # Its own plain reference: sharing the DeepSpeed test's (the module's plain_run fixture) failed a tolerance here.
-    plain_run = _launch([sys.executable], tmp_path, "plain", tiny_teacher, 4)
-    for name, port, steps, extra in (("fsdp", "29525", 4, []), ("res", "29526", 2, []),
-                                     ("res", "29527", 4, ["--resume"])):
-        _launch(fsdp + [port], tmp_path, name, tiny_teacher, steps, "--fsdp-cpu", *extra)
+    _together(_start(fsdp + ["29526"], tmp_path, "fsdp", tiny_teacher, 4, "--fsdp-cpu"),
+              _start(fsdp + ["29527"], tmp_path, "res", tiny_teacher, 2, "--fsdp-cpu"))
+    _launch(fsdp + ["29528"], tmp_path, "res", tiny_teacher, 4, "--fsdp-cpu", "--resume")
     for rank in (0, 1):
         assert json.loads((tmp_path / "fsdp" / f"sharded{rank}.json").read_text()) is True
     plain = load_file(plain_run / "final0.safetensors")

@@ -49,6 +49,19 @@ def test_eigh_agrees_with_scipy_sqrtm():
                                                                        rel=1e-10)
 
 
+def test_fid_from_features_with_fewer_samples_than_dimensions_equals_the_covariance_formula():
+    """At N < D fid_from_features takes the trace term from the features (singular values of A2^T A1); it equals
+    the D x D covariance formula (eigh and scipy's sqrtm) on the same features, for unequal N too."""
+    a, b = gaussian(30, 64, 4), gaussian(45, 64, 5, scale=1.5, shift=0.2)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    by_cov = fidlib._trace_sqrt_product(s1, s2, "eigh")
+    # 1e-7: on rank-deficient covariances eigh's zero eigenvalues come out as +-1e-16, whose roots add ~1e-8 each.
+    assert fidlib.trace_sqrt_product_from_features(a, b) == pytest.approx(by_cov, rel=1e-7)
+    assert by_cov == pytest.approx(fidlib._trace_sqrt_product(s1, s2, "sqrtm"), rel=1e-6)
+    assert fid_from_features(a, b) == pytest.approx(frechet_distance(a.mean(0), s1, b.mean(0), s2), rel=1e-7)
+    assert abs(fid_from_features(a, a)) < 1e-8
+
+
 def test_fid_self_zero_and_monotonic_in_noise():
     f = gaussian(500, 16, 0)
     assert abs(fid_from_features(f, f)) < 1e-6

@@ -88,7 +88,8 @@ class ColoredFashion(torch.utils.data.Dataset):
         self.templates = torch.from_numpy(rng.integers(0, len(TEMPLATES), len(labels)))
         self.classes = torch.from_numpy(labels)
         self.images = tint(g, self.colors).mul(2).sub(1).clamp(-1, 1)  # (N, 3, R, R) in [-1, 1]
-        self.captions = [caption(int(c), int(k), int(j)) for c, k, j in zip(self.colors, self.classes, self.templates)]
+        self.captions = [caption(c, k, j) for c, k, j in zip(self.colors.tolist(), self.classes.tolist(),
+                                                             self.templates.tolist())]
 
     def __len__(self) -> int:
         return len(self.captions)

@@ -135,9 +135,31 @@ def feature_stats(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return feats.mean(0), np.cov(feats, rowvar=False)
 
 
+def trace_sqrt_product_from_features(f1: np.ndarray, f2: np.ndarray) -> float:
+    """tr((sig1 sig2)^(1/2)) of the unbiased covariances of f1 (N1, D) and f2 (N2, D), from the features themselves.
+
+    With A_i = (f_i - mean_i)^T / sqrt(N_i - 1) (D x N_i), sig_i = A_i A_i^T. The non-zero eigenvalues of
+    sig1 sig2 = A1 (A1^T A2 A2^T) are those of (A2^T A1)^T (A2^T A1), so the trace of the square root is the sum of the
+    singular values of the N2 x N1 matrix A2^T A1: exact, and at N < D far cheaper than two D x D eigensolves."""
+    a1 = (f1 - f1.mean(0)) / np.sqrt(len(f1) - 1)
+    a2 = (f2 - f2.mean(0)) / np.sqrt(len(f2) - 1)
+    m = torch.from_numpy(np.ascontiguousarray(a2 @ a1.T))
+    threads = set_threads(1)  # one LAPACK thread, as in _trace_sqrt_product
+    try:
+        return float(torch.linalg.svdvals(m).sum())
+    finally:
+        set_threads(threads)
+
+
 def fid_from_features(f1: np.ndarray, f2: np.ndarray) -> float:
-    """FID between two feature sets (N1, D) and (N2, D)."""
-    return frechet_distance(*feature_stats(f1), *feature_stats(f2))
+    """FID between two feature sets (N1, D) and (N2, D). When a set has fewer samples than dimensions, the trace
+    term comes from the features (trace_sqrt_product_from_features), else from the covariances (_trace_sqrt_product)."""
+    f1, f2 = np.asarray(f1, np.float64), np.asarray(f2, np.float64)
+    if min(len(f1), len(f2)) >= f1.shape[1]:
+        return frechet_distance(*feature_stats(f1), *feature_stats(f2))
+    diff = f1.mean(0) - f2.mean(0)
+    tr1, tr2 = (((f - f.mean(0)) ** 2).sum() / (len(f) - 1) for f in (f1, f2))  # tr(sig_i)
+    return float(diff @ diff + tr1 + tr2 - 2 * trace_sqrt_product_from_features(f1, f2))
 
 
 def kid_from_features(f1: np.ndarray, f2: np.ndarray, num_subsets: int = 100, subset_size: int = 1000,
