@@ -121,6 +121,8 @@ def test_cli_distill_end_to_end(tmp_path, tiny_teacher, monkeypatch):
     assert (out / "comparison.png").is_file() and (out / "samples" / "step000002.png").is_file()
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["student_steps"] == 2 and cfg["max_steps"] == 2
+    from imagine_flash.pipelines import resolve_dtype  # train.json records what teacher_dtype=auto became here
+    assert json.loads((out / "train.json").read_text())["teacher_dtype"] == str(resolve_dtype("auto", "cpu"))[6:]
     # The student loads with the sample command, and the same seed gives identical PNG bytes.
     for name in ("a.png", "b.png"):
         assert main(["sample", "--model", str(out / "student"), "--prompt", "a red sneaker", "--num-images", "2",

@@ -12,6 +12,14 @@ class ConfigError(ValueError):
     pass
 
 
+class OptionError(ConfigError):
+    """A setting refused by a method (Method.validate): "name=value: says"; validation adds where it came from."""
+
+    def __init__(self, name: str, value, says: str):
+        super().__init__(f"{name}={value!r}: {says}")
+        self.name, self.says = name, says
+
+
 @dataclass
 class PretrainConfig:
     """Training the embedded teacher: a text-conditional pixel UNet on coloured Fashion-MNIST (ranges and choices:

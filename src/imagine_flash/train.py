@@ -264,14 +264,16 @@ def train_loop(run: Run) -> tuple[int, float, dict]:
 
 def export_run(run: Run, step: int, minutes: float, last: dict) -> None:
     """student/ (the EMA student with the method's sampler as its scheduler) and train.json."""
-    from .pipelines import export_student
+    from .pipelines import export_student, resolve_dtype
 
     cfg = run.cfg
     scheduler = run.method.scheduler(run.bundle.schedule_config, run.timesteps)
     export_student(run.dir, run.bundle, run.st, run.timesteps, scheduler,
                    {**run.bundle.meta, "kind": "imagine-flash student", **run.method.meta(), "variant": cfg.variant,
                     "teacher_guidance_scale": cfg.guidance_scale, "train_steps": step, "lora_rank": cfg.lora_rank})
-    (run.dir / "train.json").write_text(json.dumps({"steps": step, "train_minutes": minutes, **last}, indent=2))
+    dtype = str(resolve_dtype(cfg.teacher_dtype, run.backend.device)).removeprefix("torch.")  # what `auto` became
+    (run.dir / "train.json").write_text(json.dumps({"steps": step, "train_minutes": minutes, "teacher_dtype": dtype,
+                                                    "threads": torch.get_num_threads(), **last}, indent=2))
 
 
 def _micro_batch(run: Run, step: int, shard: int, n_shards: int):

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import METHODS, VARIANTS, ConfigError, DistillConfig, PretrainConfig
+from .config import METHODS, VARIANTS, ConfigError, DistillConfig, OptionError, PretrainConfig, method_class
 
 
 @dataclass(frozen=True)
@@ -180,16 +180,12 @@ def validate(cfg, sources: dict[str, str] | None = None, T: int | None = None, d
         refuse("resolution", f"the teacher's VAE takes multiples of {downscale} px")
     if cfg.batch_size % cfg.grad_accum:
         refuse("batch_size", f"must be divisible by grad_accum={cfg.grad_accum}")
-    if cfg.recon_step_weights is not None:
-        steps = len(cfg.student_timesteps) if cfg.student_timesteps else cfg.student_steps
-        if cfg.method != "flash" or len(cfg.recon_step_weights) != steps:
-            refuse("recon_step_weights", f"method flash takes one weight per student step ({steps})")
-    if cfg.method == "lcm" and cfg.student_steps > cfg.lcm_ddim_timesteps:
-        refuse("student_steps", f"lcm samples from a grid of lcm_ddim_timesteps={cfg.lcm_ddim_timesteps}")
     if cfg.compile and cfg.lora_rank:
         refuse("compile", "compile=true compiles a full student only (a LoRA student shares the teacher's UNet): use false")
-    if cfg.method == "progressive" and cfg.lora_rank:
-        refuse("lora_rank", "method=progressive needs a full student (its stage teachers copy the EMA): use 0")
+    try:  # what the method itself refuses
+        method_class(cfg).validate(cfg)
+    except OptionError as e:
+        refuse(e.name, e.says)
 
 
 def validate_args(args, rules: dict[str, Rule]) -> None:

@@ -6,7 +6,7 @@ from typing import Sequence
 
 import torch
 
-from ..config import ConfigError
+from ..config import OptionError
 from ..denoisers import Cond
 from ..rng import randint, randn
 from ..sampling import ddim_sample, rollout
@@ -115,8 +115,7 @@ class FlashLoss(Method):
     def validate(cls, cfg) -> None:
         w, n = cfg.recon_step_weights, len(cls.timesteps(cfg))
         if w is not None and (len(w) != n or min(w) < 0):
-            raise ConfigError(f"recon_step_weights={list(w)}: method flash takes one weight >= 0 per student step "
-                              f"({n} here)")
+            raise OptionError("recon_step_weights", w, f"method flash takes one weight >= 0 per student step ({n})")
 
     @classmethod
     def timesteps(cls, cfg) -> list[int]:

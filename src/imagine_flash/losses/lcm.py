@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from ..config import OptionError
 from ..rng import randint, randn
 from ..schedule import Schedule, consistency_scalings, ddim_step, q_sample, x0_from_eps
 from .method import Method
@@ -48,6 +49,13 @@ class LCMLoss(Method):
     """Latent consistency distillation with a skipping-step DDIM teacher solver with CFG and an EMA target network."""
 
     name, sampler = "lcm", "lcm"
+
+    @classmethod
+    def validate(cls, cfg) -> None:
+        super().validate(cfg)
+        if cfg.student_steps > cfg.lcm_ddim_timesteps:
+            raise OptionError("student_steps", cfg.student_steps,
+                              f"lcm samples from a grid of lcm_ddim_timesteps={cfg.lcm_ddim_timesteps}")
 
     @classmethod
     def timesteps(cls, cfg) -> list[int]:

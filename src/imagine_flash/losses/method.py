@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import ConfigError
+from ..config import ConfigError, OptionError
 from ..denoisers import Denoiser
 from ..schedule import Schedule, trailing_timesteps
 
@@ -38,9 +38,9 @@ class Method:
     def validate(cls, cfg) -> None:
         """Refuse, in one line (ConfigError), a config this method cannot train; called before any work."""
         if cfg.recon_step_weights is not None:
-            raise ConfigError(f"recon_step_weights={list(cfg.recon_step_weights)}: only method flash takes them")
+            raise OptionError("recon_step_weights", cfg.recon_step_weights, "only method flash takes them")
         if cfg.recon_weight != "none":
-            raise ConfigError(f"recon_weight={cfg.recon_weight!r}: only method flash takes it")
+            raise OptionError("recon_weight", cfg.recon_weight, "only method flash takes it")
 
     @classmethod
     def timesteps(cls, cfg) -> list[int]:

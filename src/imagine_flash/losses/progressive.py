@@ -23,7 +23,7 @@ import copy
 import torch
 from torch import nn
 
-from ..config import ConfigError
+from ..config import OptionError
 from ..denoisers import Denoiser
 from ..rng import randint, randn
 from ..schedule import Schedule, ddim_step, q_sample, trailing_timesteps, truncated_snr_weight, x0_from_eps
@@ -56,8 +56,8 @@ class ProgressiveLoss(Method):
     def validate(cls, cfg) -> None:
         super().validate(cfg)
         if cfg.lora_rank:
-            raise ConfigError("method=progressive needs a full student (its stage teachers copy the EMA): drop "
-                              "--lora-rank")
+            raise OptionError("lora_rank", cfg.lora_rank, "method=progressive needs a full student (its stage teachers "
+                              "copy the EMA): use 0")
 
     @classmethod
     def build(cls, cfg, schedule: Schedule, timesteps, teacher_net, all_steps: bool) -> ProgressiveLoss:
