@@ -46,7 +46,7 @@ def test_benchmark_quick_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setattr(benchmark, "ROWS", rows)
     monkeypatch.setattr(benchmark, "STUDENTS", [s for s in STUDENTS if s[0] == "flash-1"])
     out = tmp_path / "bench"
-    argv = ["benchmark", "--quick", "--out", str(out), "--threads", "1", "--fid-reference", "64"]
+    argv = ["benchmark", "--quick", "--out", str(out), "--threads", "1", "--fid-reference", "16"]
     assert main(argv) == 0
     res = json.loads((out / "results.json").read_text())
     assert [(r["method"], r["steps"]) for r in res["rows"]] == [("teacher-dpmpp", 25), ("flash", 1)]
