@@ -7,7 +7,8 @@ For a teacher folder (default: the shipped one) it prints, on the first N real t
 - speckle (mean squared Laplacian, 'HF') of unguided (CFG 1) 25-step DPM-Solver++ samples against real images.
 With --json PATH it also writes them. FID and alignment: `imagine-flash evaluate --model FOLDER`.
 
-Usage: python scripts/teacher_quality.py [TEACHER_FOLDER] [--n 256] [--gammas 200,750,950] [--k 8] [--json out.json]
+Usage: python scripts/teacher_quality.py [TEACHER_FOLDER] [--n 256] [--gammas 200,750,950] [--k 8]
+       [--guidance-scale S] [--json out.json]
 """
 import argparse
 import json
@@ -23,10 +24,10 @@ from imagine_flash.schedule import q_sample, uniform_timesteps, x0_from_eps
 
 
 @torch.inference_mode()
-def measure(folder, n: int, gammas: list[int], k: int) -> dict:
+def measure(folder, n: int, gammas: list[int], k: int, guidance_scale: float | None = None) -> dict:
     runner = ModelRunner(folder)
     sched, T = runner.schedule, runner.schedule.T
-    cfg_scale = float(runner.meta.get("guidance_scale", 3.0))
+    cfg_scale = float(runner.meta.get("guidance_scale", 3.0) if guidance_scale is None else guidance_scale)
     guided = Denoiser(runner.unet, sched, guidance_scale=cfg_scale, null_cond=runner.null)
     plain = Denoiser(runner.unet, sched)
     prompts, _, _ = eval_prompts(n)
@@ -61,10 +62,12 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=256, help="real images, prompts and seeds")
     ap.add_argument("--gammas", default="200,750,950", help="re-noising levels of the SRL operator")
     ap.add_argument("--k", type=int, default=8, help="teacher DDIM steps per pass")
+    ap.add_argument("--guidance-scale", type=float, default=None,
+                    help="CFG scale of the SRL operator's teacher steps (default: the teacher's own)")
     ap.add_argument("--json", default=None, help="also write the numbers to this file")
     args = ap.parse_args()
     torch.manual_seed(0)
-    r = measure(args.teacher, args.n, [int(g) for g in args.gammas.split(",")], args.k)
+    r = measure(args.teacher, args.n, [int(g) for g in args.gammas.split(",")], args.k, args.guidance_scale)
     print(f"real std {r['real_std']:.3f}")
     for g, s in r["srl_operator"].items():
         print(f"SRL operator gamma={g:>4}: std {s['std_pass1']:.3f} -> {s['std_pass2']:.3f}  "
