@@ -40,6 +40,22 @@ sys.exit(cli.main(["distill", "--teacher", teacher, "--out", out, "--max-steps",
 '''
 
 
+def _spawn(argv, env, log_path):
+    """Start a process with stdout and stderr in one log file; (process, log)."""
+    log = open(log_path, "w+")
+    return subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, text=True), log
+
+
+def _output(proc, log) -> str:
+    """Wait for a process from _spawn; it must exit 0. Its output."""
+    code = proc.wait(timeout=600)
+    log.seek(0)
+    text = log.read()
+    log.close()
+    assert code == 0, text[-3000:]
+    return text
+
+
 @needs_data
 @pytest.mark.slow
 def test_two_processes_equal_one(tmp_path, tiny_teacher):
@@ -51,20 +67,14 @@ def test_two_processes_equal_one(tmp_path, tiny_teacher):
         pytest.skip("accelerate's launcher is not on PATH")
     (tmp_path / "worker.py").write_text(WORKER)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # no ACCELERATE_USE_CPU: distill picks gloo on a CPU machine
-    procs = {}
-    for name, cmd, evals in (("two", [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                                      "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-                                      "29517"], "4"),
-                             ("one", [sys.executable], "0")):  # side by side (one thread per process), output in files
-        out, err = open(tmp_path / f"{name}.out", "w+"), open(tmp_path / f"{name}.err", "w+")
-        procs[name] = (subprocess.Popen(cmd + [str(tmp_path / "worker.py"), str(tmp_path / name), str(tiny_teacher),
-                                               evals], env=env, stdout=out, stderr=err, text=True), out, err)
-    for name, (proc, out, err) in procs.items():
-        code = proc.wait(timeout=600)
-        out.seek(0), err.seek(0)
-        stdout, stderr = out.read(), err.read()
-        assert code == 0, stderr[-3000:]
-        assert stdout.count("student written to") == 1, stdout[-3000:]  # one process reports
+    jobs = [_spawn(cmd + [str(tmp_path / "worker.py"), str(tmp_path / name), str(tiny_teacher), evals], env,
+                   tmp_path / f"{name}.log")  # side by side (one thread per process)
+            for name, cmd, evals in (("two", [launcher, "launch", "--multi_gpu", "--num_processes", "2",
+                                              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend",
+                                              "no", "--main_process_port", "29517"], "4"),
+                                     ("one", [sys.executable], "0"))]
+    for output in (_output(*job) for job in jobs):
+        assert output.count("student written to") == 1, output[-3000:]  # one process reports
     assert (tmp_path / "two" / "metrics.json").is_file()  # written by the one process that evaluated
     r0 = load_file(tmp_path / "two" / "rank0of2.safetensors")
     r1 = load_file(tmp_path / "two" / "rank1of2.safetensors")
@@ -246,19 +256,15 @@ def _start(cmd, tmp_path, name, teacher, steps, *extra):
     """Start one DS_WORKER run (plain Python or an accelerate launch) into tmp_path/name, its output in a log file."""
     (tmp_path / "worker.py").write_text(DS_WORKER)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    log = open(tmp_path / f"{name}-{steps}.log", "w+")
-    proc = subprocess.Popen(cmd + [str(tmp_path / "worker.py"), str(tmp_path / name), str(teacher), str(steps),
-                                   *extra], env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
-    return proc, log, tmp_path / name
+    argv = cmd + [str(tmp_path / "worker.py"), str(tmp_path / name), str(teacher), str(steps), *extra]
+    return (*_spawn(argv, env, tmp_path / f"{name}-{steps}.log"), tmp_path / name)
 
 
 def _together(*jobs):
     """Wait for runs started with _start (independent ones run side by side: each process has one thread); each must
     exit 0. Returns their folders."""
     for proc, log, _ in jobs:
-        code = proc.wait(timeout=600)
-        log.seek(0)
-        assert code == 0, log.read()[-3000:]
+        _output(proc, log)
     return [path for _, _, path in jobs]
 
 

@@ -14,6 +14,7 @@ float PIL image with BICUBIC, clipped to 0..255.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import re
@@ -89,6 +90,17 @@ class InceptionFeatures:
         return np.concatenate(feats) if feats else np.zeros((0, 2048))
 
 
+@contextlib.contextmanager
+def _one_thread():
+    """One LAPACK thread: a 2048-d eigh takes ~1.5 s on one, but 20x longer on two cores shared with other work
+    (measured with numpy's OpenBLAS and with torch alike)."""
+    threads = set_threads(1)
+    try:
+        yield
+    finally:
+        set_threads(threads)
+
+
 def _trace_sqrt_product(sig1: np.ndarray, sig2: np.ndarray, method: str = "eigh") -> float:
     """tr((sig1 sig2)^(1/2)): by default as tr((sqrt(sig1) sig2 sqrt(sig1))^(1/2)); "sqrtm" uses scipy's sqrtm.
 
@@ -107,16 +119,11 @@ def _trace_sqrt_product(sig1: np.ndarray, sig2: np.ndarray, method: str = "eigh"
         return float(np.real(np.trace(covmean)))
     if method != "eigh":
         raise ValueError(f"unknown method {method!r}: use 'eigh' or 'sqrtm'")
-    # One LAPACK thread: a 2048-d eigh takes ~1.5 s on one, but 20x longer on two cores shared with other work
-    # (measured with numpy's OpenBLAS and with torch alike).
     s1, s2 = torch.from_numpy(np.ascontiguousarray(sig1)), torch.from_numpy(np.ascontiguousarray(sig2))
-    threads = set_threads(1)
-    try:
+    with _one_thread():
         w, v = torch.linalg.eigh(s1)
         root1 = (v * w.clamp(min=0).sqrt()) @ v.T  # sqrt(sig1), symmetric
         eig = torch.linalg.eigvalsh(root1 @ s2 @ root1)
-    finally:
-        set_threads(threads)
     return float(eig.clamp(min=0).sqrt().sum())
 
 
@@ -135,20 +142,21 @@ def feature_stats(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return feats.mean(0), np.cov(feats, rowvar=False)
 
 
+def _scaled_centred(f: np.ndarray) -> np.ndarray:
+    """(f - mean) / sqrt(N - 1), (N, D): its Gram matrix f^T f is the unbiased covariance (D, D)."""
+    f = np.asarray(f, np.float64)
+    return (f - f.mean(0)) / np.sqrt(len(f) - 1)
+
+
 def trace_sqrt_product_from_features(f1: np.ndarray, f2: np.ndarray) -> float:
     """tr((sig1 sig2)^(1/2)) of the unbiased covariances of f1 (N1, D) and f2 (N2, D), from the features themselves.
 
-    With A_i = (f_i - mean_i)^T / sqrt(N_i - 1) (D x N_i), sig_i = A_i A_i^T. The non-zero eigenvalues of
+    With A_i = _scaled_centred(f_i)^T (D x N_i), sig_i = A_i A_i^T. The non-zero eigenvalues of
     sig1 sig2 = A1 (A1^T A2 A2^T) are those of (A2^T A1)^T (A2^T A1), so the trace of the square root is the sum of the
     singular values of the N2 x N1 matrix A2^T A1: exact, and at N < D far cheaper than two D x D eigensolves."""
-    a1 = (f1 - f1.mean(0)) / np.sqrt(len(f1) - 1)
-    a2 = (f2 - f2.mean(0)) / np.sqrt(len(f2) - 1)
-    m = torch.from_numpy(np.ascontiguousarray(a2 @ a1.T))
-    threads = set_threads(1)  # one LAPACK thread, as in _trace_sqrt_product
-    try:
+    m = torch.from_numpy(np.ascontiguousarray(_scaled_centred(f2) @ _scaled_centred(f1).T))
+    with _one_thread():
         return float(torch.linalg.svdvals(m).sum())
-    finally:
-        set_threads(threads)
 
 
 def fid_from_features(f1: np.ndarray, f2: np.ndarray) -> float:
@@ -158,7 +166,7 @@ def fid_from_features(f1: np.ndarray, f2: np.ndarray) -> float:
     if min(len(f1), len(f2)) >= f1.shape[1]:
         return frechet_distance(*feature_stats(f1), *feature_stats(f2))
     diff = f1.mean(0) - f2.mean(0)
-    tr1, tr2 = (((f - f.mean(0)) ** 2).sum() / (len(f) - 1) for f in (f1, f2))  # tr(sig_i)
+    tr1, tr2 = ((_scaled_centred(f) ** 2).sum() for f in (f1, f2))  # tr(sig_i)
     return float(diff @ diff + tr1 + tr2 - 2 * trace_sqrt_product_from_features(f1, f2))
 
 
