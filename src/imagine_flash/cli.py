@@ -145,8 +145,8 @@ def cmd_distill(args) -> None:
     cfg = _resolve(cfg, args, direct, explicit, sources)
     if isinstance(cfg.teacher, str) and not Path(cfg.teacher).exists() and not HUB_ID.fullmatch(cfg.teacher):
         raise FileNotFoundError(f"teacher={cfg.teacher!r} ({where(sources, 'teacher')}): no such folder")
-    T, downscale = teacher_facts(cfg.teacher if isinstance(cfg.teacher, str) else None)
-    validate(cfg, sources, T, downscale)  # every setting, before any model or data is loaded
+    T, downscale, flow = teacher_facts(cfg.teacher if isinstance(cfg.teacher, str) else None)
+    validate(cfg, sources, T, downscale, flow)  # every setting, before any model or data is loaded
     cfg = apply_method_defaults(cfg, explicit)
     if "out" not in explicit:
         cfg.out = run_name(cfg)

@@ -1,16 +1,34 @@
-"""The one teacher/student interface: eps_hat = denoiser(x_t, t, cond).
+"""The one teacher/student interface: denoiser.predict(x_t, t, cond) -> Prediction(x0_hat, eps_hat, v), and
+eps_hat = denoiser(x_t, t, cond).
 
-Every sampler and loss sees only this callable. Wrapping a network (diffusers UNet2DModel / UNet2DConditionModel
-or a plain callable), converting v-prediction to eps and classifier-free guidance all happen here, once.
+Every sampler and loss sees only this. Wrapping a network (diffusers UNet2DModel / UNet2DConditionModel, an SD3 or
+FLUX transformer, or a plain callable), converting its output (eps, v-prediction or flow velocity) to x0_hat and
+eps_hat, and classifier-free guidance all happen here, once.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
-from .schedule import Schedule, eps_from_v
+from .schedule import Schedule, eps_from_flow, eps_from_v, x0_from_eps, x0_from_flow, x0_from_v
+
+
+class Prediction(NamedTuple):
+    """What a denoiser predicts at x_t, in every parameterisation the samplers may need."""
+
+    x0: torch.Tensor  # x0_hat (Eq. 5)
+    eps: torch.Tensor  # eps_hat
+    v: torch.Tensor | None = None  # the flow velocity eps - x0 (flow teachers; None on a VP path)
+
+
+def predict(denoiser, x_t: torch.Tensor, t, cond, schedule) -> Prediction:
+    """A Denoiser's Prediction, or a plain eps callable's through Eq. 5 (tests and hand-written denoisers)."""
+    if hasattr(denoiser, "predict"):
+        return denoiser.predict(x_t, t, cond)
+    eps = denoiser(x_t, t, cond)
+    return Prediction(x0_from_eps(x_t, eps, schedule.alpha(t), schedule.sigma(t)), eps)
 
 
 @dataclass
@@ -46,62 +64,130 @@ class Cond:
         return Cond(cat("hidden"), cat("mask"), {k: torch.cat([c.extra[k] for c in conds]) for k in c0.extra})
 
 
-def _call_net(net, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
-    """Call a diffusers UNet or a plain callable net(x_t, t, cond) and return its raw output tensor."""
+FLOW_NETS = ("SD3Transformer2DModel", "FluxTransformer2DModel")
+
+
+def net_kind(net) -> str:
+    """'unet' (UNet2DConditionModel), 'unet2d' (UNet2DModel), 'sd3' or 'flux' (transformers), or 'callable'."""
     from diffusers import UNet2DConditionModel, UNet2DModel
 
+    base = getattr(net, "module", net)  # DDP / accelerate wrappers
+    base = getattr(base, "_orig_mod", base)  # torch.compile
+    kind = getattr(base, "_net_kind", None)  # AdaptersOff / LoraEMA say what they wrap
+    if kind:
+        return kind
+    if isinstance(base, UNet2DConditionModel):
+        return "unet"
+    if isinstance(base, UNet2DModel):
+        return "unet2d"
+    name = type(base).__name__
+    return {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}.get(name, "callable")
+
+
+def pack_latents(x: torch.Tensor) -> torch.Tensor:
+    """FLUX's 2 x 2 patch packing (FluxPipeline._pack_latents): (B, C, H, W) -> (B, H/2 * W/2, 4C)."""
+    B, C, H, W = x.shape
+    return x.view(B, C, H // 2, 2, W // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(B, (H // 2) * (W // 2), C * 4)
+
+
+def unpack_latents(x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+    """The inverse of pack_latents (FluxPipeline._unpack_latents): (B, H/2 * W/2, 4C) -> (B, C, H, W)."""
+    B, _, C4 = x.shape
+    return x.view(B, H // 2, W // 2, C4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(B, C4 // 4, H, W)
+
+
+def flux_image_ids(H: int, W: int, device, dtype) -> torch.Tensor:
+    """FLUX's latent position ids (FluxPipeline._prepare_latent_image_ids) for an H x W latent: (H/2 * W/2, 3)."""
+    ids = torch.zeros(H // 2, W // 2, 3)
+    ids[..., 1] = ids[..., 1] + torch.arange(H // 2)[:, None]
+    ids[..., 2] = ids[..., 2] + torch.arange(W // 2)[None, :]
+    return ids.reshape(-1, 3).to(device=device, dtype=dtype)
+
+
+def _call_net(net, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+    """Call a diffusers UNet or transformer, or a plain callable net(x_t, t, cond), and return its raw output tensor
+    (B, C, H, W). SD3 and FLUX transformers take t = sigma as their pipelines give it: sigma * T (SD3) and
+    sigma * T / T (FLUX, with its guidance embedding from cond.extra and its packed latents)."""
     base = getattr(net, "module", net)  # DDP / accelerate wrappers
     base = getattr(base, "_orig_mod", base)  # torch.compile
     dtype = getattr(base, "dtype", None)
     dtype = dtype if isinstance(dtype, torch.dtype) else None
     x_in = x_t if dtype is None else x_t.to(dtype)  # a bf16/fp16 frozen teacher gets bf16/fp16 inputs
-    if isinstance(base, UNet2DConditionModel) or getattr(base, "_is_cond_unet", False):
+    kind = net_kind(net)
+    if kind == "unet":
         c = cond.to(dtype=dtype)
         out = net(x_in, t, encoder_hidden_states=c.hidden,
                   encoder_attention_mask=None if c.mask is None else c.mask.to(x_in.dtype),
                   added_cond_kwargs=c.extra or None).sample
-    elif isinstance(base, UNet2DModel):
+    elif kind == "unet2d":
         out = net(x_in, t).sample
+    elif kind == "sd3":
+        c = cond.to(dtype=dtype)
+        out = net(hidden_states=x_in, timestep=t.float() * 1000, encoder_hidden_states=c.hidden,
+                  pooled_projections=c.extra["pooled_projections"], return_dict=False)[0]
+    elif kind == "flux":
+        c = cond.to(dtype=dtype)
+        H, W = x_t.shape[-2:]
+        timestep = (t.float() * 1000).to(x_in.dtype)  # the pipeline's t (sigma * T) in the latents' dtype, then / T
+        guidance = c.extra.get("guidance")
+        out = net(hidden_states=pack_latents(x_in), timestep=timestep / 1000,
+                  guidance=None if guidance is None else guidance.float(),
+                  pooled_projections=c.extra["pooled_projections"], encoder_hidden_states=c.hidden,
+                  txt_ids=torch.zeros(c.hidden.shape[1], 3, device=x_t.device, dtype=c.hidden.dtype),
+                  img_ids=flux_image_ids(H, W, x_t.device, c.hidden.dtype), return_dict=False)[0]
+        out = unpack_latents(out, H, W)
     else:
         out = net(x_t, t, cond)
     return out.to(x_t.dtype)  # samplers and losses compute in the caller's precision
 
 
-class Denoiser:
-    """An eps-predicting model with its conditioning and CFG: __call__(x_t, t, cond) -> eps_hat (B, C, H, W).
+PREDICTION_TYPES = ("epsilon", "v_prediction", "flow")
 
-    prediction_type 'v_prediction' nets are converted to eps here. With guidance_scale w != 1, cond and the null
-    cond run in one batched forward: eps = eps_u + w (eps_c - eps_u).
+
+class Denoiser:
+    """A model with its conditioning and CFG: predict(x_t, t, cond) -> Prediction; __call__ -> eps_hat (B, C, H, W).
+
+    prediction_type: 'epsilon', 'v_prediction' (VP) or 'flow' (the velocity of a rectified-flow model; t = sigma).
+    With guidance_scale w != 1, cond and the null cond run in one batched forward and CFG combines the raw outputs:
+    out = out_u + w (out_c - out_u) (the same as combining eps or x0: the conversions are affine in the output).
     """
 
-    def __init__(self, net: torch.nn.Module | Callable, schedule: Schedule, prediction_type: str = "epsilon",
+    def __init__(self, net: torch.nn.Module | Callable, schedule: Schedule, prediction_type: str | None = None,
                  guidance_scale: float = 1.0, null_cond: Cond | None = None):
-        if prediction_type not in ("epsilon", "v_prediction"):
-            raise ValueError(f"prediction_type {prediction_type!r} is not supported: use an epsilon or v model")
+        prediction_type = prediction_type or ("flow" if getattr(schedule, "flow", False) else "epsilon")
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type {prediction_type!r} is not supported: use an epsilon, v or flow model")
         self.net, self.schedule, self.prediction_type = net, schedule, prediction_type
         self.guidance_scale, self.null_cond = guidance_scale, null_cond
 
     def with_guidance(self, guidance_scale: float) -> "Denoiser":
-        d = Denoiser(self.net, self.schedule, self.prediction_type, guidance_scale, self.null_cond)
-        return d
+        return Denoiser(self.net, self.schedule, self.prediction_type, guidance_scale, self.null_cond)
 
     def with_net(self, net) -> "Denoiser":
         return Denoiser(net, self.schedule, self.prediction_type, self.guidance_scale, self.null_cond)
 
-    def _eps(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
-        out = _call_net(self.net, x_t, t, cond)
-        if self.prediction_type == "v_prediction":
-            out = eps_from_v(x_t, out, self.schedule.alpha(t), self.schedule.sigma(t))
-        return out
-
-    def __call__(self, x_t: torch.Tensor, t: torch.Tensor | int, cond: Cond) -> torch.Tensor:
-        B = x_t.shape[0]
-        t = torch.as_tensor(t, device=x_t.device).long().expand(B) if torch.as_tensor(t).ndim == 0 \
-            else torch.as_tensor(t, device=x_t.device).long()
+    def _raw(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """The network's output with CFG applied."""
         if self.guidance_scale == 1.0:
-            return self._eps(x_t, t, cond)
+            return _call_net(self.net, x_t, t, cond)
         if self.null_cond is None:
             raise ValueError("classifier-free guidance needs null_cond (the empty-prompt conditioning)")
+        B = x_t.shape[0]
         null = self.null_cond.to(x_t.device).expand(B) if len(self.null_cond) == 1 else self.null_cond
-        eps_c, eps_u = self._eps(torch.cat([x_t, x_t]), torch.cat([t, t]), Cond.cat([cond, null])).chunk(2)
-        return eps_u.lerp(eps_c, self.guidance_scale)  # EDM2-style: eps_u + w (eps_c - eps_u)
+        out_c, out_u = _call_net(self.net, torch.cat([x_t, x_t]), torch.cat([t, t]), Cond.cat([cond, null])).chunk(2)
+        return out_u.lerp(out_c, self.guidance_scale)  # EDM2-style: out_u + w (out_c - out_u)
+
+    def predict(self, x_t: torch.Tensor, t, cond: Cond) -> Prediction:
+        """(x0_hat, eps_hat, v) at x_t: the one place a network's output is converted."""
+        t = self.schedule.timesteps(t, x_t.device)
+        t = t.expand(x_t.shape[0]) if t.ndim == 0 else t
+        out = self._raw(x_t, t, cond)
+        a, s = self.schedule.alpha(t), self.schedule.sigma(t)
+        if self.prediction_type == "flow":
+            return Prediction(x0_from_flow(x_t, out, s), eps_from_flow(x_t, out, s), out)
+        if self.prediction_type == "v_prediction":
+            return Prediction(x0_from_v(x_t, out, a, s), eps_from_v(x_t, out, a, s))
+        return Prediction(x0_from_eps(x_t, out, a, s), out)
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor | int, cond: Cond) -> torch.Tensor:
+        return self.predict(x_t, t, cond).eps

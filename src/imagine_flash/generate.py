@@ -27,8 +27,7 @@ class ModelRunner:
         self.is_student = self.meta.get("kind") == "imagine-flash student"
         self.text, self.encoder = bundle.text, bundle.encoder
         self.null = self.text.null_cond()
-        self.resolution = int(self.unet.config.sample_size)  # the model's side (latent side for a VAE model)
-        self.channels = int(self.unet.config.in_channels)
+        self.channels, self.resolution, _ = bundle.x0_shape  # x0's channels and side (latents for a VAE model)
 
     def default_steps(self) -> int:
         return len(self.meta["timesteps"]) if self.is_student else 25

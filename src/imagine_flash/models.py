@@ -62,8 +62,14 @@ def cast(module: torch.nn.Module, device=None, dtype=None) -> torch.nn.Module:
 
 
 def student_scheduler(schedule_config: dict, timesteps, noise_correction: bool):
-    """FlashScheduler that always samples at the student's trained timesteps, with or without Eq. 9."""
+    """FlashScheduler that always samples at the student's trained timesteps, with or without Eq. 9. A flow
+    student's is the teacher's own FlowMatchEulerDiscreteScheduler (it samples the trained sigmas bit for bit when
+    given them: pipe(..., sigmas=imagine_flash.json's "sigmas"); Eq. 9 is a no-op on the flow path)."""
     from .scheduler import FlashScheduler
+
+    if schedule_config.get("kind") == "flow":
+        from diffusers import FlowMatchEulerDiscreteScheduler
+        return FlowMatchEulerDiscreteScheduler.from_config(schedule_config["flow_config"])
 
     return FlashScheduler(**schedule_config, noise_correction=noise_correction, timesteps=list(timesteps),
                           fixed_timesteps=True)

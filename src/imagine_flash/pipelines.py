@@ -6,6 +6,7 @@ that returns Cond. Nothing else in the library knows whether it distils in pixel
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import os
@@ -24,7 +25,8 @@ from .checkpoint import atomic_path
 from .models import (META_FILE, ModelFolderError, cast, default_teacher, load_model_folder, read_meta, save_student,
                      schedule_config_from)
 
-PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+FLOW_PIPELINES = {"StableDiffusion3Pipeline": "SD3Transformer2DModel", "FluxPipeline": "FluxTransformer2DModel"}
+PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", *FLOW_PIPELINES)
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 GUIDANCE_EMBED_DIM = 256  # LCM's w-embedding size; any even size works, the projection is zero
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -59,21 +61,36 @@ def resolve_dtype(name: str, device) -> torch.dtype:
 class ModelBundle:
     """A teacher (or a student to sample from) with everything the loop and the samplers need."""
 
-    unet: Any  # diffusers UNet2DConditionModel, eps-prediction, float32
-    schedule_config: dict  # num_train_timesteps, beta_start, beta_end, beta_schedule
+    unet: Any  # the denoising network, float32: a UNet2DConditionModel (eps), or an SD3/FLUX transformer (flow)
+    schedule_config: dict  # make_schedule's arguments: VP betas, or kind 'flow' with the scheduler config and mu
     meta: dict  # imagine_flash.json: kind, guidance_scale, timesteps, noise_correction, ...
     encoder: Any  # PixelEncoder or VAEEncoder: x0 = encoder.encode(images), images = encoder.decode(x0)
     text: Any  # prompts -> Cond, cached per prompt; text.null_cond() is the CFG null conditioning
     resolution: int  # image side in pixels (the model side times encoder.downscale)
     source: str  # the folder or hub id it was loaded from
     pipeline: str | None = None  # the diffusers pipeline class; None for our own model folders
+    latent_channels: int | None = None  # channels of x0 (None: the UNet's in_channels)
+
+    @property
+    def flow(self) -> bool:
+        """A rectified-flow teacher (SD3, FLUX)."""
+        return self.schedule_config.get("kind") == "flow"
+
+    @property
+    def x0_shape(self) -> tuple[int, int, int]:
+        """(C, h, w) of the model's x0: pixels, or VAE latents (unpacked, for FLUX)."""
+        side = self.resolution // self.encoder.downscale
+        return (self.latent_channels or int(self.unet.config.in_channels), side, side)
 
     def fresh_unet(self):
-        """A float32 UNet from disk, e.g. to merge LoRA weights into base weights never rounded to bf16."""
+        """A float32 denoising network from disk, e.g. to merge LoRA weights into base weights never rounded to bf16."""
         if self.pipeline is None:
             return load_model_folder(self.source)[0]
-        from diffusers import UNet2DConditionModel
-        return UNet2DConditionModel.from_pretrained(self.source, subfolder="unet", use_safetensors=True)
+        import diffusers
+        if self.pipeline in FLOW_PIPELINES:
+            return getattr(diffusers, FLOW_PIPELINES[self.pipeline]).from_pretrained(
+                self.source, subfolder="transformer", use_safetensors=True)
+        return diffusers.UNet2DConditionModel.from_pretrained(self.source, subfolder="unet", use_safetensors=True)
 
 
 def load_bundle(spec: str | Path | None = None, dtype: torch.dtype = torch.float32, device="cpu", text=None,
@@ -114,6 +131,8 @@ def _load_pipeline(spec: str, dtype: torch.dtype, device, resolution: int | None
     kind = index.get("_class_name")
     if kind not in PIPELINES:
         raise ModelFolderError(f"{spec}: {kind} is not supported; the teacher must be a {' or '.join(PIPELINES)}")
+    if kind in FLOW_PIPELINES:
+        return _load_flow_pipeline(spec, kind, sched, dtype, device, resolution)
     schedule_config = schedule_config_from(sched, f"{spec}/scheduler/scheduler_config.json")
     skip = {"safety_checker": None, "requires_safety_checker": False} if kind == "StableDiffusionPipeline" else {}
     try:  # never pickles: safetensors only; no remote code
@@ -136,6 +155,113 @@ def _load_pipeline(spec: str, dtype: torch.dtype, device, resolution: int | None
     default_w = inspect.signature(type(pipe).__call__).parameters["guidance_scale"].default
     meta = {"guidance_scale": float(default_w), **(read_meta(spec) if Path(spec).is_dir() else {})}
     return ModelBundle(unet, schedule_config, meta, encoder, PipelineText(pipe, resolution), resolution, spec, kind)
+
+
+def _load_flow_pipeline(spec: str, kind: str, sched: dict, dtype, device, resolution: int | None) -> ModelBundle:
+    """An SD3 or FLUX pipeline: its transformer (velocity, float32), the rectified-flow schedule of its
+    FlowMatchEulerDiscreteScheduler at this resolution's dynamic shift, its VAE (scaling and shift factors) and its
+    text encoders run once per prompt (FlowPipelineText)."""
+    from diffusers import DiffusionPipeline
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    if sched.get("_class_name") != "FlowMatchEulerDiscreteScheduler":
+        raise ModelFolderError(f"{spec}/scheduler: {sched.get('_class_name')} is not supported; a flow teacher "
+                               "needs its FlowMatchEulerDiscreteScheduler")
+    try:  # never pickles: safetensors only; no remote code
+        pipe = DiffusionPipeline.from_pretrained(spec, use_safetensors=True)
+    except Exception as e:
+        raise ModelFolderError(f"{spec}: cannot load the pipeline ({_first_line(e)})") from None
+    net = cast(pipe.transformer, device, torch.float32).requires_grad_(False)
+    cast(pipe.vae, device, dtype)
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        if getattr(pipe, name, None) is not None:
+            cast(getattr(pipe, name), device, dtype).requires_grad_(False).eval()
+    encoder = VAEEncoder(pipe.vae)
+    folder_meta = read_meta(spec) if Path(spec).is_dir() else {}
+    resolution = (resolution or folder_meta.get("resolution")  # a student: the size it was trained at
+                  or int(getattr(pipe, "default_sample_size", 128)) * encoder.downscale)
+    side = resolution // encoder.downscale
+    flux = kind == "FluxPipeline"
+    if flux and side % 2:
+        raise ModelFolderError(f"{spec}: resolution {resolution} gives {side} x {side} latents; FLUX packs 2 x 2 "
+                               f"patches: use a multiple of {2 * encoder.downscale}")
+    # The dynamic shift mu as the pipeline computes it for this size: FLUX from its packed sequence length, SD3
+    # (when its scheduler shifts dynamically) from the patch count.
+    seq = (side // 2) ** 2 if flux else (side // int(net.config.patch_size)) ** 2
+    config = {k: v for k, v in dict(sched).items() if not k.startswith("_")}
+    mu = None
+    if config.get("use_dynamic_shifting"):
+        mu = calculate_shift(seq, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                             config.get("base_shift", 0.5), config.get("max_shift", 1.15 if flux else 1.16))
+    schedule_config = {"kind": "flow", "num_train_timesteps": int(config.get("num_train_timesteps", 1000)),
+                       "flow_config": config, "mu": mu}
+    default_w = float(inspect.signature(type(pipe).__call__).parameters["guidance_scale"].default)
+    # FLUX-dev's guidance_scale is an embedding input (guidance-distilled): teacher and student both take it, and
+    # CFG proper ("true CFG") is off (1.0) unless asked for. SD3's is classifier-free guidance.
+    embedded = default_w if flux and net.config.guidance_embeds else None
+    meta = {"guidance_scale": 1.0 if flux else default_w, **({"embedded_guidance": embedded} if embedded else {}),
+            **folder_meta}
+    text = FlowPipelineText(pipe, meta.get("embedded_guidance"))
+    return ModelBundle(net, schedule_config, meta, encoder, text, resolution, spec, kind,
+                       int(pipe.vae.config.latent_channels))
+
+
+class FlowPipelineText:
+    """Prompt conditioning exactly as an SD3 or FLUX pipeline's encode_prompt makes it, cached per prompt on the CPU.
+
+    SD3: CLIP-L, CLIP-G and T5 states (B, L, D) and the pooled CLIP projections (B, P) as `pooled_projections`.
+    FLUX: T5 states and CLIP's pooled output, and FLUX-dev's guidance embedding value as `guidance` (B,). The null
+    cond (for CFG) is the empty prompt's, as the pipelines' negative with no negative prompt.
+    """
+
+    CHUNK = 32
+
+    def __init__(self, pipe, embedded_guidance: float | None = None, max_prompts: int = 20_000):
+        self.pipe, self.guidance, self.max_prompts = pipe, embedded_guidance, max_prompts
+        self.flux = type(pipe).__name__ == "FluxPipeline"
+        self._cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._null: Cond | None = None
+        self.max_len = 512 if self.flux else 256  # the pipelines' default max_sequence_length for T5
+
+    @torch.no_grad()
+    def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden (B, L, D), pooled (B, P)), as the pipeline's own call encodes them."""
+        dev = self.pipe.transformer.device if self.pipe.transformer is not None else "cpu"
+        if self.flux:
+            hidden, pooled, _ = self.pipe.encode_prompt(prompts, prompt_2=None, device=dev,
+                                                        max_sequence_length=self.max_len)
+        else:
+            hidden, _, pooled, _ = self.pipe.encode_prompt(prompts, prompt_2=None, prompt_3=None, device=dev,
+                                                           do_classifier_free_guidance=False,
+                                                           max_sequence_length=self.max_len)
+        return hidden.cpu(), pooled.cpu()
+
+    def _cond(self, hidden: torch.Tensor, pooled: torch.Tensor) -> Cond:
+        extra = {"pooled_projections": pooled.float()}
+        if self.guidance is not None:
+            extra["guidance"] = torch.full((len(hidden),), float(self.guidance))
+        return Cond(hidden.float(), None, extra)
+
+    def __call__(self, prompts: list[str]) -> Cond:
+        new = sorted({p for p in prompts if p not in self._cache})
+        for i in range(0, len(new), self.CHUNK):  # fixed-size chunks: an embedding does not depend on batch-mates
+            chunk = new[i:i + self.CHUNK]
+            hidden, pooled = self._encode(chunk + [""] * (self.CHUNK - len(chunk)))
+            for j, p in enumerate(chunk):
+                self._cache[p] = (hidden[j].clone(), pooled[j].clone())
+        entries = []
+        for p in prompts:
+            self._cache.move_to_end(p)
+            entries.append(self._cache[p])
+        while len(self._cache) > max(self.max_prompts, len(prompts)):
+            self._cache.popitem(last=False)
+        return self._cond(torch.stack([h for h, _ in entries]), torch.stack([q for _, q in entries]))
+
+    def null_cond(self) -> Cond:
+        """The empty prompt's conditioning (SD3's negative with no negative prompt is the encoded "")."""
+        if self._null is None:
+            self._null = self._cond(*self._encode([""]))
+        return self._null
 
 
 class PipelineText:
@@ -207,6 +333,10 @@ def export_student(run: Path, bundle: ModelBundle, student, timesteps, scheduler
     the method's sampler as its scheduler (FlashScheduler with the trained timesteps fixed, for flash). A LoRA
     student of a pipeline teacher also gets run/student_lora: its weights for the teacher pipeline."""
     meta = {"noise_correction": False, **meta, "timesteps": list(timesteps)}
+    if bundle.flow:  # the stock pipeline samples the student as trained with these arguments (docs/flow.md)
+        meta["resolution"] = bundle.resolution
+        meta["pipeline_call"] = {"sigmas": meta["sigmas"], "height": bundle.resolution, "width": bundle.resolution,
+                                 "guidance_scale": float(bundle.meta.get("embedded_guidance") or 1.0)}
     if student.lora_config is not None:
         lora_state = student.ema.lora_state_dict()
         unet = _merged(bundle, student.lora_config, lora_state)
@@ -250,8 +380,12 @@ def save_student_pipeline(out: Path, bundle: ModelBundle, unet, sched, meta: dic
     timesteps fixed. Loads with DiffusionPipeline.from_pretrained(out) once `import imagine_flash` has run."""
     from diffusers import DiffusionPipeline
 
-    unet = with_guidance_input(getattr(unet, "module", unet))  # a CPU copy: no second student on the GPU
-    pipe = DiffusionPipeline.from_pretrained(bundle.source, unet=unet, scheduler=sched, use_safetensors=True)
+    if bundle.flow:  # SD3/FLUX: no guidance input needed (guidance_scale=1 runs no CFG; FLUX has none by default)
+        net = cast(copy.deepcopy(getattr(unet, "module", unet)), "cpu", torch.float32)
+        pipe = DiffusionPipeline.from_pretrained(bundle.source, transformer=net, scheduler=sched, use_safetensors=True)
+    else:
+        unet = with_guidance_input(getattr(unet, "module", unet))  # a CPU copy: no second student on the GPU
+        pipe = DiffusionPipeline.from_pretrained(bundle.source, unet=unet, scheduler=sched, use_safetensors=True)
     for m in pipe.components.values():  # the teacher's components as stored may be fp16: export float32 throughout
         if isinstance(m, torch.nn.Module):
             cast(m, dtype=torch.float32)
@@ -266,13 +400,17 @@ def save_student_pipeline(out: Path, bundle: ModelBundle, unet, sched, meta: dic
 def save_lora(out: Path, bundle: ModelBundle, lora_config, lora_state: dict, scheduler, meta: dict) -> None:
     """pytorch_lora_weights.safetensors (diffusers format, with its rank/alpha metadata) for pipe.load_lora_weights,
     and the FlashScheduler to sample it with in scheduler/."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    import diffusers
     from diffusers.utils import convert_state_dict_to_diffusers
 
-    cls = StableDiffusionXLPipeline if bundle.pipeline == "StableDiffusionXLPipeline" else StableDiffusionPipeline
+    cls = getattr(diffusers, bundle.pipeline)
     with atomic_path(out) as tmp:
-        cls.save_lora_weights(tmp, unet_lora_layers=convert_state_dict_to_diffusers(lora_state),
-                              safe_serialization=True, unet_lora_adapter_metadata=lora_config.to_dict())
+        if bundle.flow:
+            cls.save_lora_weights(tmp, transformer_lora_layers=convert_state_dict_to_diffusers(lora_state),
+                                  safe_serialization=True, transformer_lora_adapter_metadata=lora_config.to_dict())
+        else:
+            cls.save_lora_weights(tmp, unet_lora_layers=convert_state_dict_to_diffusers(lora_state),
+                                  safe_serialization=True, unet_lora_adapter_metadata=lora_config.to_dict())
         scheduler.save_pretrained(tmp / "scheduler")
         (tmp / META_FILE).write_text(json.dumps({**meta, "kind": "imagine-flash student LoRA", "base": bundle.source},
                                                 indent=2))

@@ -5,8 +5,8 @@ from typing import Sequence
 
 import torch
 
-from .denoisers import Cond
-from .schedule import Schedule, ddim_step, noise_corrected_step, x0_from_eps
+from .denoisers import Cond, predict
+from .schedule import Schedule
 
 
 def seeded_noise(seeds: Sequence[int], shape: tuple) -> torch.Tensor:
@@ -21,14 +21,14 @@ def sample_generators(seeds: Sequence[int]) -> list[torch.Generator]:
 
 def flash_step(denoiser, x_t: torch.Tensor, t, t_next, x_T: torch.Tensor, cond: Cond, schedule: Schedule,
                noise_correction: bool, is_first) -> tuple[torch.Tensor, torch.Tensor]:
-    """One student step (Eq. 4, or Eq. 9 at t = T): returns (x_{t'}, x0_hat). t_next = -1 means the clean end."""
-    eps_hat = denoiser(x_t, t, cond)
-    a_t, s_t = schedule.alpha(t), schedule.sigma(t)
-    x0_hat = x0_from_eps(x_t, eps_hat, a_t, s_t)
-    a_n, s_n = schedule.alpha(t_next), schedule.sigma(t_next)
+    """One student step (Eq. 4, or Eq. 9 at t = T): returns (x_{t'}, x0_hat). t_next = -1 means the clean end.
+
+    Eq. 9 puts the true noise x_T in place of eps_hat at the first step. On a flow path eps_hat = x_T + 0 v there,
+    exactly x_T, so it changes nothing (tests/test_flow.py proves it bit for bit) and the step is the Euler one."""
+    pred = predict(denoiser, x_t, t, cond, schedule)
     if noise_correction:
-        return noise_corrected_step(x0_hat, eps_hat, x_T, a_n, s_n, is_first), x0_hat
-    return ddim_step(x0_hat, eps_hat, a_n, s_n), x0_hat
+        pred = pred._replace(eps=torch.where(torch.as_tensor(is_first, device=x_t.device).bool(), x_T, pred.eps))
+    return schedule.step(x_t, pred, t, t_next), pred.x0
 
 
 def next_timesteps(timesteps: Sequence[int]) -> list[int]:
@@ -65,25 +65,31 @@ def rollout(denoiser, x_T: torch.Tensor, cond: Cond, timesteps: Sequence[int], s
 
 @torch.no_grad()
 def ddim_sample(denoiser, x_t: torch.Tensor, cond: Cond, timesteps: torch.Tensor, schedule: Schedule) -> torch.Tensor:
-    """DDIM (Eq. 4) through per-sample timesteps (B, k); returns x0_hat at the last one (the SRL teacher target)."""
+    """DDIM (Eq. 4; Euler on a flow path) through per-sample timesteps (B, k); returns x0_hat at the last one (the
+    SRL teacher target)."""
     timesteps = torch.as_tensor(timesteps)
     if timesteps.ndim == 1:
         timesteps = timesteps.expand(x_t.shape[0], -1)
     x = x_t
     for j in range(timesteps.shape[1]):
         t = timesteps[:, j]
-        eps_hat = denoiser(x, t, cond)
-        x0_hat = x0_from_eps(x, eps_hat, schedule.alpha(t), schedule.sigma(t))
+        pred = predict(denoiser, x, t, cond, schedule)
         if j + 1 < timesteps.shape[1]:
-            t_next = timesteps[:, j + 1]
-            x = ddim_step(x0_hat, eps_hat, schedule.alpha(t_next), schedule.sigma(t_next))
-    return x0_hat
+            x = schedule.step(x, pred, t, timesteps[:, j + 1])
+    return pred.x0
 
 
 @torch.no_grad()
 def scheduler_sample(denoiser, scheduler, x_T: torch.Tensor, cond: Cond, num_steps: int | None = None,
                      timesteps: Sequence[int] | None = None, generator=None) -> torch.Tensor:
-    """Sample with any diffusers scheduler (DPM-Solver++, DDIM, FlashScheduler) driving the denoiser."""
+    """Sample with any diffusers scheduler (DPM-Solver++, DDIM, FlashScheduler) driving the denoiser.
+
+    A flow model takes Euler steps (schedule.step: the float operations of FlowMatchEulerDiscreteScheduler.step, bit
+    for bit, as the pipeline parity tests check) through the given shifted sigmas, or through the sigmas its own
+    scheduler visits in num_steps (FlowSchedule.shifted_steps); `scheduler` is then not used."""
+    if getattr(denoiser, "prediction_type", None) == "flow":
+        sigmas = list(timesteps) if timesteps is not None else denoiser.schedule.shifted_steps(num_steps)
+        return flash_sample(denoiser, x_T, cond, sigmas, denoiser.schedule, noise_correction=False)
     if timesteps is not None:
         scheduler.set_timesteps(timesteps=list(timesteps))
     else:
@@ -97,8 +103,10 @@ def scheduler_sample(denoiser, scheduler, x_T: torch.Tensor, cond: Cond, num_ste
 
 def teacher_scheduler(kind: str, schedule_config: dict):
     """A diffusers solver for the teacher: 'dpmpp' (DPM-Solver++ 2M) or 'ddim', on the teacher's schedule."""
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
 
+    if schedule_config.get("kind") == "flow":  # a flow teacher samples with its own Euler scheduler, whatever `kind`
+        return FlowMatchEulerDiscreteScheduler.from_config(schedule_config["flow_config"])
     cfg = {k: schedule_config[k] for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")}
     if kind == "dpmpp":
         return DPMSolverMultistepScheduler(**cfg, algorithm_type="dpmsolver++", solver_order=2,

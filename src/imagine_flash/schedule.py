@@ -1,7 +1,12 @@
-"""Discrete variance-preserving diffusion schedule and its update rules: the math, written once.
+"""Noise schedules and their update rules: the math, written once.
 
-Notation follows the paper (§3): x_t = alpha_t x0 + sigma_t eps, with alpha_t^2 + sigma_t^2 = 1.
-Timesteps are integers 0..T-1 as in SD/Emu (T = 1000). Everything here is a pure function of tensors.
+Notation follows the paper (§3): x_t = alpha_t x0 + sigma_t eps. Two processes share it:
+- discrete variance-preserving (SD/Emu): alpha_t^2 + sigma_t^2 = 1, timesteps integers 0..T-1 (T = 1000);
+- rectified flow (SD3, FLUX): alpha = 1 - sigma, the "timestep" is sigma in [0, 1] itself (after the pipeline's
+  shift), and the model predicts the velocity v = eps - x0.
+Eq. 4's DDIM update x' = alpha' x0_hat + sigma' eps_hat is, on the flow path, exactly the Euler step
+x' = x + (sigma' - sigma) v (euler_step), which is how flow pipelines write it. t = -1 means the clean end.
+Everything here is a pure function of tensors.
 """
 from __future__ import annotations
 
@@ -17,6 +22,28 @@ class Schedule:
     """alpha_t and sigma_t of a discrete VP process, indexed by integer timestep."""
 
     alphas_cumprod: torch.Tensor  # (T,) float64, \bar{alpha}_t
+    flow = False  # not a rectified-flow path: integer timesteps, the DDIM update
+
+    def timesteps(self, t, device=None) -> torch.Tensor:
+        """Timesteps as the model takes them: long."""
+        return torch.as_tensor(t, device=device).long()
+
+    def step(self, x_t: torch.Tensor, pred, t, t_next) -> torch.Tensor:
+        """Eq. 4 from a Prediction (x0, eps): x_{t'} = alpha_{t'} x0_hat + sigma_{t'} eps_hat."""
+        return ddim_step(pred.x0, pred.eps, self.alpha(t_next), self.sigma(t_next))
+
+    def uniform(self, t_start, k: int) -> torch.Tensor:
+        """k time-uniform timesteps from t_start toward 0 (B, k), rounded to integers (uniform_timesteps)."""
+        return uniform_timesteps(t_start, k)
+
+    def gamma(self, t, table) -> torch.Tensor:
+        """SRL's gamma(t) (gamma_shift), the table in timesteps."""
+        return gamma_shift(t, table)
+
+    def random_t(self, t_max: int, n: int, gen, device=None) -> torch.Tensor:
+        """n timesteps uniform in [0, t_max] (integers)."""
+        from .rng import randint
+        return randint(0, int(t_max) + 1, n, gen, device)
 
     @property
     def T(self) -> int:
@@ -31,6 +58,97 @@ class Schedule:
         return _lookup((1 - self.alphas_cumprod).sqrt(), t, 0.0)
 
 
+@dataclass(frozen=True)
+class FlowSchedule:
+    """Rectified flow x_t = (1 - sigma) x0 + sigma eps (SD3, FLUX): t is sigma itself, a float in [0, 1].
+
+    `config` is the teacher's FlowMatchEulerDiscreteScheduler config and `mu` the resolution-dependent shift the
+    pipeline computes (use_dynamic_shifting, FLUX); both only matter for the sigmas a sampler visits (shifted).
+    """
+
+    config: dict  # the teacher scheduler's config: num_train_timesteps, shift, use_dynamic_shifting, ...
+    mu: float | None = None  # FLUX's dynamic shift for this resolution; None without dynamic shifting
+    flow = True
+
+    @property
+    def T(self) -> int:
+        return int(self.config.get("num_train_timesteps", 1000))
+
+    def sigma(self, t) -> torch.Tensor:
+        """sigma = t (float); t = -1 means the clean end (sigma = 0)."""
+        t = torch.as_tensor(t, dtype=torch.float32)
+        return torch.where(t < 0, torch.zeros_like(t), t)
+
+    def alpha(self, t) -> torch.Tensor:
+        """alpha = 1 - sigma; 1 at the clean end."""
+        return 1 - self.sigma(t)
+
+    def timesteps(self, t, device=None) -> torch.Tensor:
+        """Timesteps as the denoiser takes them: float32 sigmas (the model adapter scales them for the network)."""
+        return torch.as_tensor(t, device=device, dtype=torch.float32)
+
+    def step(self, x_t: torch.Tensor, pred, t, t_next) -> torch.Tensor:
+        """Eq. 4 on the flow path, in the Euler form the pipelines use: x' = x + (sigma' - sigma) v."""
+        return euler_step(x_t, pred.v, self.sigma(t), self.sigma(t_next))
+
+    def uniform(self, t_start, k: int) -> torch.Tensor:
+        """k sigma-uniform steps from sigma_start toward 0 (B, k) float32: sigma_start (1 - j / k)."""
+        t_start = torch.as_tensor(t_start).to(torch.float64).reshape(-1, 1)
+        frac = torch.arange(k, dtype=torch.float64, device=t_start.device) / k
+        return (t_start * (1 - frac)).float()
+
+    def gamma(self, t, table) -> torch.Tensor:
+        """SRL's gamma on sigma after the shift, the table in the model's timestep units sigma * T (the VP table's
+        numbers: gamma(sigma > 0.9) = 0.99, gamma(0.9 >= sigma > 0.5) = 0.95, else 0.2 by default)."""
+        return gamma_shift(torch.as_tensor(t, dtype=torch.float64) * self.T, table).to(torch.float64).div(self.T).float()
+
+    def random_t(self, t_max: int, n: int, gen, device=None) -> torch.Tensor:
+        """n sigmas uniform in [0, t_max / T]."""
+        from .rng import rand
+        return (rand(n, gen, device) * (float(t_max) / self.T)).float()
+
+    def shifted(self, sigmas) -> list[float]:
+        """The sigmas a FlowMatchEulerDiscreteScheduler with this config visits for these unshifted ones (the values
+        a pipeline's `sigmas=` argument becomes): diffusers' own shift, bit for bit."""
+        return [float(s) for s in self.scheduler(sigmas).sigmas[:-1]]
+
+    def shifted_steps(self, n: int) -> list[float]:
+        """The shifted sigmas of the teacher's own n-step sampling (a pipeline called with num_inference_steps=n)."""
+        return [float(s) for s in self.scheduler(num_steps=n).sigmas[:-1]]
+
+    def scheduler(self, sigmas=None, num_steps: int | None = None):
+        """The teacher's FlowMatchEulerDiscreteScheduler, set to these unshifted sigmas (or num_steps of its own)."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        sched = FlowMatchEulerDiscreteScheduler.from_config(self.config)
+        if sigmas is None:  # as the pipelines do: linspace(1, 1/n, n) unshifted, then the scheduler's shift
+            import numpy as np
+            sigmas = np.linspace(1.0, 1 / num_steps, num_steps)
+        mu = self.mu if sched.config.use_dynamic_shifting else None
+        sched.set_timesteps(sigmas=list(sigmas), mu=mu)
+        return sched
+
+
+def flow_shift(sigma, shift: float):
+    """SD3's timestep shift (Esser et al. 2024, Eq. 23): sigma' = shift sigma / (1 + (shift - 1) sigma)."""
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
+def x0_from_flow(x_t: torch.Tensor, v: torch.Tensor, sigma_t) -> torch.Tensor:
+    """Velocity to data on the flow path: x0_hat = x_t - sigma v (v = eps - x0)."""
+    return x_t - bcast(sigma_t, x_t) * v
+
+
+def eps_from_flow(x_t: torch.Tensor, v: torch.Tensor, sigma_t) -> torch.Tensor:
+    """Velocity to noise on the flow path: eps_hat = x_t + (1 - sigma) v; at sigma = 1 it is x_t exactly."""
+    return x_t + bcast(1 - torch.as_tensor(sigma_t), x_t) * v
+
+
+def euler_step(x_t: torch.Tensor, v: torch.Tensor, sigma_t, sigma_next) -> torch.Tensor:
+    """Euler step of the flow ODE dx/dsigma = v, as FlowMatchEulerDiscreteScheduler.step: x + (sigma' - sigma) v."""
+    return x_t + bcast(torch.as_tensor(sigma_next) - torch.as_tensor(sigma_t), x_t) * v
+
+
 def _lookup(table: torch.Tensor, t, end_value: float) -> torch.Tensor:
     t = torch.as_tensor(t, dtype=torch.long)
     out = table.to(t.device)[t.clamp(min=0)]  # look up where t lives: no device-to-host sync in the hot loop
@@ -38,8 +156,12 @@ def _lookup(table: torch.Tensor, t, end_value: float) -> torch.Tensor:
 
 
 def make_schedule(num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012,
-                  beta_schedule: str = "scaled_linear", trained_betas=None) -> Schedule:
-    """The SD/Emu schedule: scaled-linear betas (non-zero terminal SNR); 'linear' is the DDPM one."""
+                  beta_schedule: str = "scaled_linear", trained_betas=None, kind: str = "vp", flow_config=None,
+                  mu: float | None = None) -> Schedule | FlowSchedule:
+    """The SD/Emu schedule: scaled-linear betas (non-zero terminal SNR); 'linear' is the DDPM one. kind='flow': the
+    rectified-flow path of a FlowMatchEulerDiscreteScheduler config (flow_config) at dynamic shift mu."""
+    if kind == "flow":
+        return FlowSchedule({**(flow_config or {}), "num_train_timesteps": num_train_timesteps}, mu)
     if trained_betas is not None:  # explicit betas, as diffusers schedulers accept them
         betas = torch.as_tensor(trained_betas, dtype=torch.float64)
     elif beta_schedule == "scaled_linear":

@@ -63,10 +63,10 @@ def _lora_student(cfg, unet: nn.Module) -> Student:
 class AdaptersOff:
     """The shared UNet with its LoRA adapters disabled for the call: the frozen teacher."""
 
-    _is_cond_unet = True  # denoisers._call_net passes UNet keyword arguments
-
     def __init__(self, unet: nn.Module):
+        from .denoisers import net_kind
         self.unet = unet
+        self._net_kind = net_kind(unet)  # denoisers._call_net calls it as the network it wraps
 
     @property
     def dtype(self) -> torch.dtype:
@@ -102,10 +102,10 @@ class LoraEMA(nn.Module):
     """EMA of a LoRA student's adapter weights. Calling it runs the shared UNet with these weights swapped in (no-grad
     only: rollouts, sample grids, export); the live weights are put back after the call."""
 
-    _is_cond_unet = True
-
     def __init__(self, unet: nn.Module):
+        from .denoisers import net_kind
         super().__init__()
+        self._net_kind = net_kind(unet)
         self._unet = [unet]  # in a list: the UNet is not a submodule, its weights are not part of this state
         self._live = [p for p in unet.parameters() if p.requires_grad]
         self.shadow = nn.ParameterList(nn.Parameter(p.detach().clone(), requires_grad=False) for p in self._live)

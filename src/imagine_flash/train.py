@@ -146,7 +146,10 @@ def build_run(cfg: DistillConfig, resume: bool = False, teacher_bundle=None, dat
     # differs with batch size), or a resumed run would see slightly different conditioning.
     text(sorted(set(getattr(dataset, "captions", []))) + [""])
     null = text.null_cond().to(backend.device)
-    timesteps = method_class(cfg).timesteps(cfg)
+    if bundle.flow and not method_class(cfg).flow:
+        raise ConfigError(f"method={cfg.method}: a flow-matching teacher ({bundle.pipeline}) is distilled with "
+                          "method flash only")
+    timesteps = method_class(cfg).timesteps(cfg, schedule)  # a flow student's: sigmas after the teacher's shift
     if ck is not None and (run / "config.json").is_file():  # the run's config is the config (docs/runs.md)
         refuse_changes(saved_config(DistillConfig, run), cfg, {f.name for f in dataclasses.fields(cfg)})
     if backend.is_main:
@@ -268,8 +271,10 @@ def export_run(run: Run, step: int, minutes: float, last: dict) -> None:
 
     cfg = run.cfg
     scheduler = run.method.scheduler(run.bundle.schedule_config, run.timesteps)
+    flow = {"sigmas": method_class(cfg).flow_sigmas(cfg)} if run.bundle.flow else {}  # before the teacher's shift
     export_student(run.dir, run.bundle, run.st, run.timesteps, scheduler,
-                   {**run.bundle.meta, "kind": "imagine-flash student", **run.method.meta(), "variant": cfg.variant,
+                   {**run.bundle.meta, "kind": "imagine-flash student", **run.method.meta(), **flow,
+                    "variant": cfg.variant,
                     "teacher_guidance_scale": cfg.guidance_scale, "train_steps": step, "lora_rank": cfg.lora_rank})
     dtype = str(resolve_dtype(cfg.teacher_dtype, run.backend.device)).removeprefix("torch.")  # what `auto` became
     (run.dir / "train.json").write_text(json.dumps({"steps": step, "train_minutes": minutes, "teacher_dtype": dtype,
@@ -284,8 +289,7 @@ def _micro_batch(run: Run, step: int, shard: int, n_shards: int):
     if getattr(run.dataset, "has_images", True):
         x0_real = encoder.encode(torch.stack([it["image"] for it in items]).to(dev))
     else:  # prompts only: used only for its shape and device, by the backward rollout
-        side = run.bundle.resolution // encoder.downscale
-        x0_real = torch.zeros(len(items), run.bundle.unet.config.in_channels, side, side, device=dev)
+        x0_real = torch.zeros(len(items), *run.bundle.x0_shape, device=dev)
     return x0_real, run.bundle.text([it["caption"] for it in items]).to(dev)
 
 
@@ -322,9 +326,13 @@ class _Log:
 
 
 def _build_discriminator(cfg: DistillConfig, teacher_unet, text, encoder) -> torch.nn.Module:
-    """cfg.disc_type: 'unet' (the teacher U-Net's encoder, §5.1) or 'projected' (frozen cfg.disc_features)."""
-    from .losses.discriminator import UNetEncoderDiscriminator
+    """cfg.disc_type: 'unet' (the teacher U-Net's encoder, §5.1; for an SD3/FLUX teacher its transformer's first
+    blocks) or 'projected' (frozen cfg.disc_features)."""
+    from .denoisers import net_kind
+    from .losses.discriminator import TransformerDiscriminator, UNetEncoderDiscriminator
 
+    if cfg.disc_type == "unet" and net_kind(teacher_unet) in ("sd3", "flux"):  # 'unet': the teacher's own trunk
+        return TransformerDiscriminator(teacher_unet)
     if cfg.disc_type == "unet":
         return UNetEncoderDiscriminator(teacher_unet)
     if cfg.disc_type == "projected":
@@ -350,10 +358,9 @@ def _sample_grid(run: Run, path: Path, scheduler, prompts: list[str]) -> None:
     from .sampling import sample_generators, scheduler_sample, seeded_noise, teacher_scheduler
     from .viz import labelled_rows, save_png
 
-    seeds, encoder, unet = list(range(len(prompts))), run.bundle.encoder, run.bundle.unet
-    side = run.bundle.resolution // encoder.downscale
+    seeds, encoder = list(range(len(prompts))), run.bundle.encoder
     ema = run.st.ema
-    x_T = seeded_noise(seeds, (unet.config.in_channels, side, side)).to(next(ema.parameters()).device)
+    x_T = seeded_noise(seeds, run.bundle.x0_shape).to(next(ema.parameters()).device)
     cond = run.bundle.text(prompts).to(x_T.device)
     teacher = scheduler_sample(run.models.teacher, teacher_scheduler("dpmpp", run.bundle.schedule_config), x_T, cond,
                                25)

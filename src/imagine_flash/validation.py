@@ -67,11 +67,14 @@ def _gamma_table(T: int) -> Rule:
                     f"values in [0, {T})")
 
 
-def distill_rules(T: int = 1000) -> dict[str, Rule]:
-    """DistillConfig's ranges and choices; T is the teacher's number of training timesteps."""
+def distill_rules(T: int = 1000, flow: bool = False) -> dict[str, Rule]:
+    """DistillConfig's ranges and choices; T is the teacher's number of training timesteps, flow whether it is a
+    rectified-flow teacher (its student timesteps are sigmas before the shift)."""
     from .data import DATASET_FORMATS
 
     timestep = within(0, T)
+    student_ts = (items(float, Rule(lambda v: 0 < v <= 1, "in (0, 1]"), decreasing=True) if flow
+                  else items(int, timestep, decreasing=True))
     return {
         # what and where
         "out": NONEMPTY, "teacher": NONEMPTY, "teacher_dtype": one_of("auto", "fp32", "bf16", "fp16"),
@@ -79,7 +82,7 @@ def distill_rules(T: int = 1000) -> dict[str, Rule]:
         "caption_column": NONEMPTY, "dataset_split": NONEMPTY, "skip_bad_files": ANY, "resolution": POSITIVE,
         # the method and its losses
         "method": one_of(*METHODS), "variant": one_of(*VARIANTS), "student_steps": within(1, T, closed=True),
-        "student_timesteps": items(int, timestep, decreasing=True), "noise_correction": ANY, "backward": ANY,
+        "student_timesteps": student_ts, "noise_correction": ANY, "backward": ANY,
         "reconstruction": one_of("srl", "eq7", "srl+eq7", "none"),
         "recon_weight": one_of("none", "snr"), "k": POSITIVE, "gamma_table": _gamma_table(T),
         "recon_step_weights": items(float, at_least(0)), "guidance_scale": at_least(0),
@@ -159,12 +162,14 @@ def check_value(name: str, value, hint, rule: Rule, source: str) -> None:
         raise ConfigError(f"{name}={value!r} ({source}): must be {rule.what}")
 
 
-def validate(cfg, sources: dict[str, str] | None = None, T: int | None = None, downscale: int = 1) -> None:
-    """Every field of a DistillConfig or PretrainConfig, then the few that depend on each other. T and downscale are
-    the teacher's (teacher_facts): its training timesteps and its VAE's pixels per latent."""
+def validate(cfg, sources: dict[str, str] | None = None, T: int | None = None, downscale: int = 1,
+             flow: bool = False) -> None:
+    """Every field of a DistillConfig or PretrainConfig, then the few that depend on each other. T, downscale and
+    flow are the teacher's (teacher_facts): its training timesteps, its pixels per latent (per packed latent for
+    FLUX) and whether it is a rectified-flow model."""
     sources = sources or {}
     T = T or getattr(cfg, "num_train_timesteps", None) or 1000
-    rules = RULES[type(cfg)](T)
+    rules = RULES[type(cfg)](T, flow) if flow else RULES[type(cfg)](T)
     hints = typing.get_type_hints(type(cfg))
     for f in dataclasses.fields(cfg):
         check_value(f.name, getattr(cfg, f.name), hints[f.name], rules[f.name], where(sources, f.name))
@@ -178,6 +183,8 @@ def validate(cfg, sources: dict[str, str] | None = None, T: int | None = None, d
         return
     if cfg.resolution and cfg.resolution % downscale:
         refuse("resolution", f"the teacher's VAE takes multiples of {downscale} px")
+    if flow and not method_class(cfg).flow:
+        refuse("method", "a flow-matching teacher (SD3, FLUX) is distilled with method flash only")
     if cfg.batch_size % cfg.grad_accum:
         refuse("batch_size", f"must be divisible by grad_accum={cfg.grad_accum}")
     if cfg.compile and cfg.lora_rank:
@@ -217,15 +224,19 @@ def _json(path: Path) -> dict:
         return {}  # the loader reports a broken file with its own message
 
 
-def teacher_facts(spec: str | None) -> tuple[int, int]:
-    """(T, pixel multiple) of a local teacher folder from its JSON files: its training timesteps and the VAE's
-    downscale (1 for pixel models). (1000, 1) when the folder is not local (a hub id): the loader checks later."""
+def teacher_facts(spec: str | None) -> tuple[int, int, bool]:
+    """(T, pixel multiple, flow) of a local teacher folder from its JSON files: its training timesteps, the VAE's
+    downscale (1 for pixel models; twice it for FLUX, which packs 2 x 2 latents) and whether it is a flow-matching
+    pipeline. (1000, 1, False) when the folder is not local (a hub id): the loader checks later."""
     from .models import default_teacher
+    from .pipelines import FLOW_PIPELINES
 
     path = Path(spec or default_teacher())
     T = int(_json(path / "scheduler" / "scheduler_config.json").get("num_train_timesteps", 1000))
     vae = _json(path / "vae" / "config.json").get("block_out_channels")
-    return T, 2 ** (len(vae) - 1) if vae else 1
+    kind = _json(path / "model_index.json").get("_class_name")
+    down = (2 ** (len(vae) - 1) if vae else 1) * (2 if kind == "FluxPipeline" else 1)
+    return T, down, kind in FLOW_PIPELINES
 
 
 def check_pretrained(name: str, option: str) -> None:

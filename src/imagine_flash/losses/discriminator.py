@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ..denoisers import Cond
-from ..rng import randint, randn
+from ..rng import randn
 from ..schedule import Schedule, q_sample
 
 
@@ -57,6 +57,57 @@ class UNetEncoderDiscriminator(nn.Module):
         return sum(head(f).mean(dim=(1, 2, 3)) for head, f in zip(self.heads, feats))  # (B,)
 
 
+class TransformerDiscriminator(nn.Module):
+    """For an SD3 or FLUX teacher (as LADD and SANA-Sprint do): the teacher transformer's embeddings and first
+    `n_blocks` joint blocks as a frozen trunk (float32 copy), with a trainable head on the image tokens after each.
+    Conditioned on the timestep (sigma), the prompt and its pooled embedding (and FLUX's guidance) through the
+    trunk's own embeddings. Gradients reach the input (the student's x0) through the frozen trunk.
+
+    Returns a per-sample logit: the mean of each head's token logits, summed over heads.
+    """
+
+    def __init__(self, transformer: nn.Module, n_blocks: int = 2, head_dim: int = 64):
+        super().__init__()
+        from ..denoisers import net_kind
+
+        base = getattr(transformer, "module", transformer)
+        self.kind = net_kind(base)
+        trunk = copy.deepcopy(base).float().requires_grad_(False).eval()
+        trunk.transformer_blocks = trunk.transformer_blocks[:n_blocks]
+        for name in ("single_transformer_blocks",):
+            if hasattr(trunk, name):
+                setattr(trunk, name, nn.ModuleList())
+        trunk.norm_out = trunk.proj_out = None  # the output half is not used
+        self.trunk = trunk
+        dim = trunk.config.num_attention_heads * trunk.config.attention_head_dim
+        self.heads = nn.ModuleList(nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, head_dim), nn.SiLU(),
+                                                 nn.Linear(head_dim, 1)) for _ in trunk.transformer_blocks)
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        from ..denoisers import flux_image_ids, pack_latents
+
+        tr, pooled, ehs = self.trunk, cond.extra["pooled_projections"], cond.hidden
+        t = torch.as_tensor(t, device=x_t.device, dtype=torch.float32).expand(x_t.shape[0]) * 1000
+        kw = {}
+        if self.kind == "flux":
+            H, W = x_t.shape[-2:]
+            h = tr.x_embedder(pack_latents(x_t))
+            g = cond.extra.get("guidance")
+            temb = tr.time_text_embed(t, pooled) if g is None else tr.time_text_embed(t, g.float() * 1000, pooled)
+            ids = torch.cat([torch.zeros(ehs.shape[1], 3, device=x_t.device), flux_image_ids(H, W, x_t.device,
+                                                                                          torch.float32)])
+            kw["image_rotary_emb"] = tr.pos_embed(ids)
+        else:
+            h = tr.pos_embed(x_t).contiguous()
+            temb = tr.time_text_embed(t, pooled)
+        ehs = tr.context_embedder(ehs)
+        logit = 0.0
+        for block, head in zip(tr.transformer_blocks, self.heads):
+            ehs, h = block(hidden_states=h, encoder_hidden_states=ehs, temb=temb, **kw)
+            logit = logit + head(h).mean(dim=(1, 2))
+        return logit  # (B,)
+
+
 class HingeAdversarial:
     """Hinge GAN loss on samples re-noised to a random t_d in [0, t_max] (the same t_d and noise for real and fake)."""
 
@@ -65,7 +116,7 @@ class HingeAdversarial:
 
     def _noised(self, x0: torch.Tensor, gen: torch.Generator):
         B = x0.shape[0]
-        t_d = randint(0, self.t_max + 1, B, gen, x0.device)
+        t_d = self.schedule.random_t(self.t_max, B, gen, x0.device)  # a flow path: sigma in [0, t_max / T]
         eps = randn(x0.shape, gen).to(x0)
         return t_d, eps
 

@@ -7,10 +7,10 @@ from typing import Sequence
 import torch
 
 from ..config import OptionError
-from ..denoisers import Cond
+from ..denoisers import Cond, predict
 from ..rng import randint, randn
 from ..sampling import ddim_sample, rollout
-from ..schedule import STUDENT_TIMESTEPS, Schedule, gamma_shift, q_sample, snr, uniform_timesteps, x0_from_eps
+from ..schedule import STUDENT_TIMESTEPS, Schedule, q_sample, snr
 from .method import Method
 
 
@@ -50,9 +50,9 @@ def srl_target(teacher, x0_student: torch.Tensor, t: torch.Tensor, cond: Cond, s
 
     Returns (x0_hat of the teacher at its last step, the teacher's timesteps (B, k)).
     """
-    t_shift = gamma_shift(t, gamma_table)
+    t_shift = schedule.gamma(t, gamma_table)
     eps = randn(x0_student.shape, gen).to(x0_student)
-    ts = uniform_timesteps(t_shift, k)
+    ts = schedule.uniform(t_shift, k)
     with torch.inference_mode():  # the teacher is the main cost: no autograd bookkeeping at all
         chi = q_sample(x0_student.detach(), eps, schedule.alpha(t_shift), schedule.sigma(t_shift))
         target = ddim_sample(teacher, chi, cond, ts, schedule)
@@ -61,7 +61,7 @@ def srl_target(teacher, x0_student: torch.Tensor, t: torch.Tensor, cond: Cond, s
 
 def eq7_target(teacher, x_t: torch.Tensor, t: torch.Tensor, cond: Cond, schedule: Schedule, k: int) -> torch.Tensor:
     """Eq. 7 target (no shift): k uniform teacher DDIM steps with CFG from the student's own x_{T->t}."""
-    ts = uniform_timesteps(t, k)
+    ts = schedule.uniform(t, k)
     with torch.inference_mode():
         target = ddim_sample(teacher, x_t, cond, ts, schedule)
     return target.clone()
@@ -71,13 +71,13 @@ def srl_eq7_target(teacher, x0_student: torch.Tensor, x_t: torch.Tensor, t: torc
                    cond: Cond, schedule: Schedule, k: int, gen: torch.Generator, gamma_table) -> torch.Tensor:
     """Eq. 8 where `last` (B,) is False, Eq. 7 where it is True, in one teacher pass: k uniform DDIM steps with CFG
     from chi = q(stopgrad(x0_hat), eps, gamma(t)) at gamma(t), or from the student's own x_{T->t} at t."""
-    t_shift = gamma_shift(t, gamma_table)
+    t_shift = schedule.gamma(t, gamma_table)
     eps = randn(x0_student.shape, gen).to(x0_student)  # drawn for every sample, as in srl_target
     t_start = torch.where(last, t, t_shift)
     with torch.inference_mode():
         chi = q_sample(x0_student.detach(), eps, schedule.alpha(t_shift), schedule.sigma(t_shift))
         chi = torch.where(last.reshape(-1, 1, 1, 1), x_t, chi)
-        target = ddim_sample(teacher, chi, cond, uniform_timesteps(t_start, k), schedule)
+        target = ddim_sample(teacher, chi, cond, schedule.uniform(t_start, k), schedule)
     return target.clone()
 
 
@@ -91,7 +91,7 @@ class FlashLoss(Method):
     all_steps: the backend's rollout rule (rollout).
     """
 
-    name, sampler = "flash", "flash"
+    name, sampler, flow = "flash", "flash", True
 
     def __init__(self, schedule: Schedule, timesteps: Sequence[int], k: int = 8, backward: bool = True,
                  reconstruction: str = "srl", noise_correction: bool = True,
@@ -118,11 +118,11 @@ class FlashLoss(Method):
             raise OptionError("recon_step_weights", w, f"method flash takes one weight >= 0 per student step ({n})")
 
     @classmethod
-    def timesteps(cls, cfg) -> list[int]:
-        """The paper's timesteps at 1-3 steps (§5.1), unless given; else trailing ones."""
-        if not cfg.student_timesteps and cfg.student_steps in STUDENT_TIMESTEPS:
+    def timesteps(cls, cfg, schedule=None) -> list:
+        """The paper's timesteps at 1-3 steps (§5.1), unless given; else trailing ones (flow: Method.flow_sigmas)."""
+        if not getattr(schedule, "flow", False) and not cfg.student_timesteps and cfg.student_steps in STUDENT_TIMESTEPS:
             return list(STUDENT_TIMESTEPS[cfg.student_steps])
-        return super().timesteps(cfg)
+        return super().timesteps(cfg, schedule)
 
     @classmethod
     def build(cls, cfg, schedule: Schedule, timesteps, teacher_net, all_steps: bool) -> FlashLoss:
@@ -143,8 +143,7 @@ class FlashLoss(Method):
         """Returns {'recon': (B,), 'x0_student': (B, C, H, W) with grad}. `models`: train.Models (denoisers only)."""
         student, teacher = models.student, models.teacher
         inp = self.student_input(models.rollout, x0_real, cond, gen)
-        eps_hat = student(inp.x_t, inp.t, cond)  # gradients flow only through this prediction
-        x0_hat = x0_from_eps(inp.x_t, eps_hat, self.schedule.alpha(inp.t), self.schedule.sigma(inp.t))
+        x0_hat = predict(student, inp.x_t, inp.t, cond, self.schedule).x0  # gradients flow only through this
         out = {"x0_student": x0_hat}
         if self.reconstruction == "srl":
             target, _ = srl_target(teacher, x0_hat, inp.t, cond, self.schedule, self.k, gen, self.gamma_table)

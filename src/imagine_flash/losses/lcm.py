@@ -58,10 +58,10 @@ class LCMLoss(Method):
                               f"lcm samples from a grid of lcm_ddim_timesteps={cfg.lcm_ddim_timesteps}")
 
     @classmethod
-    def timesteps(cls, cfg) -> list[int]:
+    def timesteps(cls, cfg, schedule=None) -> list[int]:
         """The timesteps LCMScheduler samples at, on the distillation grid (unless given)."""
         if cfg.student_timesteps:
-            return super().timesteps(cfg)
+            return super().timesteps(cfg, schedule)
         return lcm_timesteps(cfg.student_steps, cfg.lcm_ddim_timesteps)
 
     @classmethod

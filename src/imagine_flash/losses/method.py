@@ -33,6 +33,7 @@ class Method:
     name = ""  # the key of config.METHODS
     sampler = ""  # the student's sampler, named in the exported imagine_flash.json: 'flash', 'ddim' or 'lcm'
     needs_images = True  # __call__ reads x0_real (False: a prompts-only dataset is enough)
+    flow = False  # can distil a rectified-flow teacher (SD3, FLUX)
 
     @classmethod
     def validate(cls, cfg) -> None:
@@ -43,13 +44,25 @@ class Method:
             raise OptionError("recon_weight", cfg.recon_weight, "only method flash takes it")
 
     @classmethod
-    def timesteps(cls, cfg) -> list[int]:
-        """The student's timesteps: explicit ones, else student_steps trailing timesteps."""
+    def timesteps(cls, cfg, schedule=None) -> list:
+        """The student's timesteps: explicit ones, else student_steps trailing timesteps. With a flow schedule: the
+        sigmas (after the teacher's shift) of flow_sigmas."""
+        if getattr(schedule, "flow", False):
+            return schedule.shifted(cls.flow_sigmas(cfg))
         if cfg.student_timesteps:
             return [int(t) for t in cfg.student_timesteps]
         if cfg.student_steps < 1:
             raise ConfigError(f"student_steps={cfg.student_steps}: must be at least 1")
         return trailing_timesteps(cfg.student_steps)
+
+    @staticmethod
+    def flow_sigmas(cfg) -> list[float]:
+        """A flow student's sigmas before the teacher's shift (what a pipeline's `sigmas=` takes): explicit ones, else
+        1 - j / (n + 1) for j < n, the pattern of the paper's timesteps (2 steps: 1, 0.667; 3: 1, 0.75, 0.5)."""
+        if cfg.student_timesteps:
+            return [float(s) for s in cfg.student_timesteps]
+        n = cfg.student_steps
+        return [1 - j / (n + 1) for j in range(n)]
 
     @classmethod
     def build(cls, cfg, schedule: Schedule, timesteps: list[int], teacher_net, all_steps: bool) -> Method:
