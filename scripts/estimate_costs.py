@@ -1,4 +1,5 @@
-"""Parameters, FLOPs per forward and activation memory of SD 1.5 and SDXL, for README's cost table.
+"""Parameters, FLOPs per forward and activation memory of SD 1.5, SDXL, SD3.5-medium and FLUX.1-dev, for the cost
+tables of docs/costs.md and docs/flow.md.
 
 Nothing is downloaded or run on real weights: the diffusers architectures are built on the meta device, FLOPs come
 from torch's FlopCounterMode and activation memory from the tensors autograd saves for backward (float32, batch 1,
@@ -56,6 +57,57 @@ def saved_gb(fn, module) -> float:
     return total[0] / 1e9
 
 
+SD35M = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
+             num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+             out_channels=16, pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")
+FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+                axes_dims_rope=(16, 56, 56))
+VAE16 = {**VAE, "latent_channels": 16}  # SD3's and FLUX's VAE
+
+
+def flow_costs(kind: str, resolution: int = 1024) -> dict:
+    """The transformer, the transformer-block discriminator (2 blocks + heads) and a rank-64 LoRA of an SD3.5-medium
+    ('sd3', 77 CLIP + 256 T5 tokens) or FLUX.1-dev ('flux', 512 T5 tokens) teacher, at `resolution`."""
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+    from peft import LoraConfig
+
+    from imagine_flash.denoisers import Denoiser, _call_net
+    from imagine_flash.losses.discriminator import TransformerDiscriminator
+
+    lat = resolution // 8
+    with torch.device("meta"):
+        net = SD3Transformer2DModel(**SD35M) if kind == "sd3" else FluxTransformer2DModel(**FLUX_DEV)
+        vae = AutoencoderKL(**VAE16)
+        disc = TransformerDiscriminator(net, n_blocks=2)
+        x, t = torch.randn(1, 16, lat, lat), torch.tensor([0.5])
+        extra = {"pooled_projections": torch.randn(1, 2048 if kind == "sd3" else 768)}
+        if kind == "flux":
+            extra["guidance"] = torch.tensor([3.5])
+        cond = Cond(torch.randn(1, 333 if kind == "sd3" else 512, 4096), None, extra)
+        img = torch.randn(1, 3, resolution, resolution)
+
+    def fwd():
+        return _call_net(net, x, t, cond)
+
+    def disc_fwd():
+        return disc(x, t, cond)
+
+    out = {"params_net_B": n_params(net), "params_disc_trainable_B": n_params(disc, trainable_only=True),
+           "net_gflops": gflops(fwd), "disc_gflops": gflops(disc_fwd),
+           "vae_encode_gflops": gflops(lambda: vae.encode(img).latent_dist.mean),
+           "net_act_gb": saved_gb(fwd, net), "disc_act_gb": saved_gb(disc_fwd, disc)}
+    net.enable_gradient_checkpointing()
+    net.train()
+    out["net_act_gb_ckpt"] = saved_gb(fwd, net)
+    net.disable_gradient_checkpointing()
+    net.requires_grad_(False)
+    net.add_adapter(LoraConfig(r=64, lora_alpha=64, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    out["params_lora64_B"] = n_params(net, trainable_only=True)
+    out["lora_act_gb"] = saved_gb(fwd, net)
+    return {k: round(v, 3) for k, v in out.items()}
+
+
 def costs(unet_cfg: dict, resolution: int, text_cfgs: list) -> dict:
     from peft import LoraConfig
 
@@ -99,3 +151,5 @@ if __name__ == "__main__":
     print("sd15 @512", json.dumps(costs(SD15, 512, [(CLIPTextModel, CLIP_L)])))
     print("sdxl @1024", json.dumps(costs(SDXL, 1024, [(CLIPTextModel, CLIP_L),
                                                                (CLIPTextModelWithProjection, CLIP_G)])))
+    print("sd3.5-medium @1024", json.dumps(flow_costs("sd3")))
+    print("flux.1-dev @1024", json.dumps(flow_costs("flux")))

@@ -276,15 +276,18 @@ def test_guidance_input_leaves_outputs_unchanged():
 
 @pytest.mark.slow
 def test_bad_pipeline_teachers_are_one_line_errors(tmp_path, sd_teacher, capsys):
-    flux = tmp_path / "flux"
-    shutil.copytree(sd_teacher, flux)
-    index = json.loads((flux / "model_index.json").read_text())
-    (flux / "model_index.json").write_text(json.dumps({**index, "_class_name": "FluxPipeline"}))
+    index = json.loads((sd_teacher / "model_index.json").read_text())
+    kinds = {}
+    for name, cls in (("kandinsky", "KandinskyPipeline"), ("flux", "FluxPipeline")):  # FLUX without its scheduler
+        kinds[name] = tmp_path / name
+        shutil.copytree(sd_teacher, kinds[name])
+        (kinds[name] / "model_index.json").write_text(json.dumps({**index, "_class_name": cls}))
     vpred = tmp_path / "vpred"
     shutil.copytree(sd_teacher, vpred)
     sched_f = vpred / "scheduler" / "scheduler_config.json"
     sched_f.write_text(json.dumps({**json.loads(sched_f.read_text()), "prediction_type": "v_prediction"}))
-    for folder, words in ((flux, "FluxPipeline is not supported"), (vpred, "epsilon")):
+    for folder, words in ((kinds["kandinsky"], "KandinskyPipeline is not supported"),
+                          (kinds["flux"], "needs its FlowMatchEulerDiscreteScheduler"), (vpred, "epsilon")):
         assert main(["distill", "--teacher", str(folder), "--eval-samples", "0", "--out", str(tmp_path / "o")]) == 2
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and words in err and str(folder) in err

@@ -261,4 +261,4 @@ def test_validate_messages_name_the_default_source():
     cfg = DistillConfig(k=0)
     with pytest.raises(Exception, match=r"k=0 \(default\)"):
         validation.validate(cfg)
-    assert validation.teacher_facts(None) == (1000, 1)  # the shipped pixel teacher
+    assert validation.teacher_facts(None) == (1000, 1, False)  # the shipped pixel teacher
