@@ -174,7 +174,10 @@ class DistillConfig:
     k: int = 8  # teacher DDIM steps for the target
     gamma_table: tuple = ((900, 990), (500, 950), (-1, 200))  # SRL gamma(t): (threshold, value), value if t > threshold
     recon_step_weights: tuple | None = None  # flash: weight of each student step i's reconstruction loss (None: 1)
-    guidance_scale: float | None = None  # teacher CFG scale for targets (default: the teacher's own)
+    guidance_scale: float | None = None  # teacher CFG scale for targets (default: the teacher's own; FLUX: 1, no
+    # true CFG, as its pipeline)
+    embedded_guidance: float | None = None  # FLUX-dev: the guidance-embedding value teacher and student take (default:
+    # the pipeline's 3.5); the exported pipeline is called with it
     rollout_weights: str = "live"  # which student weights run the no-grad rollout: 'live' or 'ema'
     batch_size: int = 32  # global batch (split across processes)
     grad_accum: int = 1  # micro-batches per update: batch_size stays the global batch of one update

@@ -146,6 +146,11 @@ def build_run(cfg: DistillConfig, resume: bool = False, teacher_bundle=None, dat
     # differs with batch size), or a resumed run would see slightly different conditioning.
     text(sorted(set(getattr(dataset, "captions", []))) + [""])
     null = text.null_cond().to(backend.device)
+    if cfg.embedded_guidance is not None:
+        if "embedded_guidance" not in bundle.meta:
+            raise ConfigError(f"embedded_guidance={cfg.embedded_guidance}: the teacher {bundle.source} has no "
+                              "guidance embedding (FLUX-dev has one)")
+        bundle.meta["embedded_guidance"] = bundle.text.guidance = float(cfg.embedded_guidance)
     if bundle.flow and not method_class(cfg).flow:
         raise ConfigError(f"method={cfg.method}: a flow-matching teacher ({bundle.pipeline}) is distilled with "
                           "method flash only")

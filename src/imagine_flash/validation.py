@@ -86,7 +86,8 @@ def distill_rules(T: int = 1000, flow: bool = False) -> dict[str, Rule]:
         "reconstruction": one_of("srl", "eq7", "srl+eq7", "none"),
         "recon_weight": one_of("none", "snr"), "k": POSITIVE, "gamma_table": _gamma_table(T),
         "recon_step_weights": items(float, at_least(0)), "guidance_scale": at_least(0),
-        "rollout_weights": one_of("live", "ema"), "lcm_ddim_timesteps": within(1, T, closed=True),
+        "embedded_guidance": at_least(0), "rollout_weights": one_of("live", "ema"),
+        "lcm_ddim_timesteps": within(1, T, closed=True),
         "lcm_loss": one_of("l2", "huber"), "progressive_stages": POSITIVE,
         # optimisation
         "batch_size": POSITIVE, "grad_accum": POSITIVE, "lr": RATE, "adam_betas": BETAS, "max_steps": POSITIVE,
