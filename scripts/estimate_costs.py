@@ -90,10 +90,11 @@ def flow_costs(kind: str, resolution: int = 1024) -> dict:
     def fwd():
         return _call_net(net, x, t, cond)
 
-    def disc_fwd():
-        return disc(x, t, cond)
+    def disc_fwd():  # the generator term: gradients reach the input through the frozen trunk
+        return disc(x.requires_grad_(True), t, cond)
 
-    out = {"params_net_B": n_params(net), "params_disc_trainable_B": n_params(disc, trainable_only=True),
+    out = {"params_net_B": n_params(net), "params_disc_B": n_params(disc),
+           "params_disc_heads_M": n_params(disc, trainable_only=True) * 1e3,
            "net_gflops": gflops(fwd), "disc_gflops": gflops(disc_fwd),
            "vae_encode_gflops": gflops(lambda: vae.encode(img).latent_dist.mean),
            "net_act_gb": saved_gb(fwd, net), "disc_act_gb": saved_gb(disc_fwd, disc)}
@@ -147,6 +148,11 @@ def costs(unet_cfg: dict, resolution: int, text_cfgs: list) -> dict:
 
 
 if __name__ == "__main__":
+    import sys
+    if "--flow" in sys.argv:  # the flow teachers only
+        print("sd3.5-medium @1024", json.dumps(flow_costs("sd3")))
+        print("flux.1-dev @1024", json.dumps(flow_costs("flux")))
+        sys.exit()
     print("float32, batch 1, activations saved for backward (GB):")
     print("sd15 @512", json.dumps(costs(SD15, 512, [(CLIPTextModel, CLIP_L)])))
     print("sdxl @1024", json.dumps(costs(SDXL, 1024, [(CLIPTextModel, CLIP_L),

@@ -386,3 +386,32 @@ def test_flow_two_processes_equal_one(tmp_path, sd3_teacher):
     for k in one:
         assert torch.equal(r0[k], r1[k]), k
         torch.testing.assert_close(r0[k], one[k], rtol=1e-4, atol=2e-5)
+
+
+@pytest.mark.slow
+def test_flow_fsdp2_full_student_equals_one_process(tmp_path, sd3_teacher):
+    """configs/accelerate/fsdp2_sd3.yaml on 2 CPU processes: accelerate's FSDP2 shards the SD3 student's joint
+    blocks, and the gathered weights equal a one-process run's."""
+    import sys
+
+    from test_distributed import DS_WORKER, ROOT, _output, _spawn
+
+    data = _image_folder(tmp_path / "data")
+    worker = DS_WORKER.replace('teacher_dtype="fp32")', f'teacher_dtype="fp32", dataset={str(data)!r}, resolution=16)')
+    assert worker != DS_WORKER
+    fsdp = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+            str(ROOT / "configs" / "accelerate" / "fsdp2_sd3.yaml"), "--num_processes", "2", "--mixed_precision",
+            "no", "--main_process_port", "29538"]
+    (tmp_path / "worker.py").write_text(worker)
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    jobs = [_spawn(cmd + [str(tmp_path / "worker.py"), str(tmp_path / name), str(sd3_teacher), "2", *extra], env,
+                   tmp_path / f"{name}.log") for name, cmd, extra in (("fsdp", fsdp, ["--fsdp-cpu"]),
+                                                                      ("plain", [sys.executable], []))]
+    for job in jobs:  # side by side, one thread each
+        _output(*job)
+    for rank in (0, 1):
+        assert json.loads((tmp_path / "fsdp" / f"sharded{rank}.json").read_text()) is True
+    plain = load_file(tmp_path / "plain" / "final0.safetensors")
+    f0 = load_file(tmp_path / "fsdp" / "final0.safetensors")
+    for k in plain:
+        torch.testing.assert_close(f0[k], plain[k], rtol=1e-4, atol=2e-5)

@@ -64,12 +64,9 @@ class Cond:
         return Cond(cat("hidden"), cat("mask"), {k: torch.cat([c.extra[k] for c in conds]) for k in c0.extra})
 
 
-FLOW_NETS = ("SD3Transformer2DModel", "FluxTransformer2DModel")
-
-
 def net_kind(net) -> str:
     """'unet' (UNet2DConditionModel), 'unet2d' (UNet2DModel), 'sd3' or 'flux' (transformers), or 'callable'."""
-    from diffusers import UNet2DConditionModel, UNet2DModel
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel, UNet2DModel
 
     base = getattr(net, "module", net)  # DDP / accelerate wrappers
     base = getattr(base, "_orig_mod", base)  # torch.compile
@@ -80,8 +77,9 @@ def net_kind(net) -> str:
         return "unet"
     if isinstance(base, UNet2DModel):
         return "unet2d"
-    name = type(base).__name__
-    return {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}.get(name, "callable")
+    if isinstance(base, SD3Transformer2DModel):  # isinstance: FSDP2 makes FSDPSD3Transformer2DModel subclasses
+        return "sd3"
+    return "flux" if isinstance(base, FluxTransformer2DModel) else "callable"
 
 
 def pack_latents(x: torch.Tensor) -> torch.Tensor:
