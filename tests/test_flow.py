@@ -14,7 +14,7 @@ from imagine_flash.sampling import ddim_sample, flash_sample, rollout
 from imagine_flash.schedule import (FlowSchedule, ddim_step, eps_from_flow, euler_step, flow_shift,
                                     noise_corrected_step, q_sample, x0_from_flow)
 
-from conftest import assert_same_checkpoints
+from conftest import assert_same_checkpoints, needs_data
 
 PROMPTS = ["a red shoe", "a blue bag", "a green hat", "a pink coat"]
 
@@ -415,3 +415,28 @@ def test_flow_fsdp2_full_student_equals_one_process(tmp_path, sd3_teacher):
     f0 = load_file(tmp_path / "fsdp" / "final0.safetensors")
     for k in plain:
         torch.testing.assert_close(f0[k], plain[k], rtol=1e-4, atol=2e-5)
+
+
+@needs_data
+def test_pixel_flow_teacher_pretrains_and_distils_end_to_end(tmp_path):
+    """`pretrain --set objective=flow` trains a rectified-flow pixel teacher (velocity loss; a FlowMatchEuler
+    scheduler in its folder), and `distill --teacher <it>` runs the whole method on it and evaluates."""
+    teacher = tmp_path / "t"
+    assert main(["pretrain", "--out", str(teacher), "--max-steps", "2", "--set", "variant=micro", "--set",
+                 "batch_size=8", "--set", "objective=flow", "--set", "sample_every=2"]) == 0
+    sched = json.loads((teacher / "model" / "scheduler" / "scheduler_config.json").read_text())
+    assert sched["_class_name"] == "FlowMatchEulerDiscreteScheduler"
+    out = tmp_path / "d"
+    assert main(["distill", "--teacher", str(teacher / "model"), "--out", str(out), "--max-steps", "2",
+                 "--eval-samples", "4", "--set", "batch_size=2", "--set", "k=2", "--set", "fid_reference=8",
+                 "--set", "threads=1"]) == 0
+    meta = json.loads((out / "student" / "imagine_flash.json").read_text())
+    assert meta["timesteps"] == [1.0, 0.75, 0.5] and "pipeline_call" not in meta  # shift 1: the sigmas as given
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["teacher"]["sampler"] == "euler" and metrics["student"]["fid"] > 0
+
+
+def test_pretrain_flow_refuses_an_eps_loss_weight(tmp_path, capsys):
+    code = main(["pretrain", "--out", str(tmp_path / "t"), "--set", "objective=flow", "--set", "loss_weight=trunc-snr"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "loss_weight" in err and not (tmp_path / "t").exists()

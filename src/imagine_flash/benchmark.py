@@ -109,7 +109,7 @@ def measure_rows(cfg: BenchmarkConfig, students: dict) -> list[dict]:
     from .eval.fid import InceptionFeatures
     from .eval.metrics import evaluate_model
     from .generate import ModelRunner
-    from .models import default_teacher
+    from .models import teacher_path
 
     rows_dir = Path(cfg.out) / "rows"
     rows_dir.mkdir(parents=True, exist_ok=True)
@@ -124,7 +124,7 @@ def measure_rows(cfg: BenchmarkConfig, students: dict) -> list[dict]:
             inception, classifier = InceptionFeatures(), load_classifier()
         print(f"benchmark: measuring {row.key}", flush=True)
         if row.student is None:
-            runner = ModelRunner(cfg.teacher or default_teacher(), text=text)
+            runner = ModelRunner(teacher_path(cfg.teacher), text=text)
             solver = row.method.removeprefix("teacher-")
         else:
             runner = ModelRunner(students[row.student]["path"], text=text)
@@ -152,7 +152,7 @@ def measure_rows(cfg: BenchmarkConfig, students: dict) -> list[dict]:
 def run_benchmark(cfg: BenchmarkConfig) -> dict:
     """The whole protocol; returns results.json's content."""
     from .models import load_model_folder
-    from .models import default_teacher
+    from .models import teacher_path
 
     set_threads(cfg.threads)
     out = Path(cfg.out)
@@ -161,7 +161,7 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict:
     t0 = time.time()
     students = train_students(cfg)
     rows = measure_rows(cfg, students)
-    _, _, meta = load_model_folder(cfg.teacher or default_teacher())
+    _, _, meta = load_model_folder(teacher_path(cfg.teacher))
     protocol = {"dataset": "coloured Fashion-MNIST (embedded), test split", "resolution": int(meta.get("resolution", 16)),
                 "num_samples": cfg.num_samples, "fid_reference_images": cfg.fid_reference,
                 "guidance_scale": float(meta.get("guidance_scale", 3.0)),

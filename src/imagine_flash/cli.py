@@ -134,6 +134,7 @@ def cmd_distill(args) -> None:
 
     from .backend import is_main_process
     from .config import DistillConfig, apply_method_defaults, resolve_variant, run_name
+    from .models import teacher_path
     from .pipelines import HUB_ID
     from .validation import check_installed, check_pretrained, teacher_facts, validate, where
 
@@ -143,7 +144,8 @@ def cmd_distill(args) -> None:
               "method": args.method, "variant": args.variant, "skip_bad_files": args.skip_bad_files or None,
               "lora_rank": args.lora_rank}
     cfg = _resolve(cfg, args, direct, explicit, sources)
-    if isinstance(cfg.teacher, str) and not Path(cfg.teacher).exists() and not HUB_ID.fullmatch(cfg.teacher):
+    if isinstance(cfg.teacher, str) and not Path(teacher_path(cfg.teacher)).exists() and not HUB_ID.fullmatch(
+            cfg.teacher):
         raise FileNotFoundError(f"teacher={cfg.teacher!r} ({where(sources, 'teacher')}): no such folder")
     T, downscale, flow = teacher_facts(cfg.teacher if isinstance(cfg.teacher, str) else None)
     validate(cfg, sources, T, downscale, flow)  # every setting, before any model or data is loaded

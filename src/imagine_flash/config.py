@@ -37,7 +37,10 @@ class PretrainConfig:
     weight_decay: float = 0.0  # AdamW weight decay
     max_steps: int = 8000  # total updates
     ema_decay: float = 0.999  # EMA of the weights; the exported teacher is the EMA
-    loss_weight: str = "eps"  # 'eps': plain eps-MSE (DDPM); 'trunc-snr': eps-MSE x max(1, 1/SNR), i.e. the larger of
+    objective: str = "eps"  # 'eps': an eps-prediction VP teacher (the embedded default); 'flow': a rectified-flow
+    # velocity teacher (x_t = (1 - sigma) x0 + sigma eps, target eps - x0, sigma logit-normal as SD3), like SD3/FLUX
+    flow_shift: float = 1.0  # flow: the shift of its FlowMatchEulerDiscreteScheduler (SD3 uses 3 at 1024 px)
+    loss_weight: str = "eps"  # eps objective: 'eps': plain eps-MSE (DDPM); 'trunc-snr': eps-MSE x max(1, 1/SNR), i.e. the larger of
     # the eps and the x0 error (Salimans & Ho 2022), so that x0_hat near t = T is learned too
     autocast: str = "no"  # 'bf16': bf16 autocast of the forward pass (fp32 weights and Adam); 'no': fp32
     cond_drop: float = 0.1  # probability of replacing the caption by "" (trains the unconditional branch for CFG)
@@ -53,6 +56,10 @@ class PretrainConfig:
 
 
 def schedule_config(cfg) -> dict:
+    """make_schedule's arguments for a PretrainConfig: the VP betas, or the flow path of its scheduler config."""
+    if getattr(cfg, "objective", "eps") == "flow":
+        return {"kind": "flow", "num_train_timesteps": cfg.num_train_timesteps, "mu": None,
+                "flow_config": {"num_train_timesteps": cfg.num_train_timesteps, "shift": cfg.flow_shift}}
     return {"num_train_timesteps": cfg.num_train_timesteps, "beta_start": cfg.beta_start, "beta_end": cfg.beta_end,
             "beta_schedule": cfg.beta_schedule}
 

@@ -104,8 +104,8 @@ def flux_image_ids(H: int, W: int, device, dtype) -> torch.Tensor:
 
 def _call_net(net, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
     """Call a diffusers UNet or transformer, or a plain callable net(x_t, t, cond), and return its raw output tensor
-    (B, C, H, W). SD3 and FLUX transformers take t = sigma as their pipelines give it: sigma * T (SD3) and
-    sigma * T / T (FLUX, with its guidance embedding from cond.extra and its packed latents)."""
+    (B, C, H, W). t is the network's timestep input (schedule.net_t: sigma * T on a flow path); FLUX takes it / T,
+    as its pipeline passes it, with its guidance embedding from cond.extra and its latents packed."""
     base = getattr(net, "module", net)  # DDP / accelerate wrappers
     base = getattr(base, "_orig_mod", base)  # torch.compile
     dtype = getattr(base, "dtype", None)
@@ -121,14 +121,13 @@ def _call_net(net, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tens
         out = net(x_in, t).sample
     elif kind == "sd3":
         c = cond.to(dtype=dtype)
-        out = net(hidden_states=x_in, timestep=t.float() * 1000, encoder_hidden_states=c.hidden,
+        out = net(hidden_states=x_in, timestep=t, encoder_hidden_states=c.hidden,
                   pooled_projections=c.extra["pooled_projections"], return_dict=False)[0]
     elif kind == "flux":
         c = cond.to(dtype=dtype)
         H, W = x_t.shape[-2:]
-        timestep = (t.float() * 1000).to(x_in.dtype)  # the pipeline's t (sigma * T) in the latents' dtype, then / T
         guidance = c.extra.get("guidance")
-        out = net(hidden_states=pack_latents(x_in), timestep=timestep / 1000,
+        out = net(hidden_states=pack_latents(x_in), timestep=t.to(x_in.dtype) / 1000,  # the pipeline's t / T
                   guidance=None if guidance is None else guidance.float(),
                   pooled_projections=c.extra["pooled_projections"], encoder_hidden_states=c.hidden,
                   txt_ids=torch.zeros(c.hidden.shape[1], 3, device=x_t.device, dtype=c.hidden.dtype),
@@ -179,7 +178,7 @@ class Denoiser:
         """(x0_hat, eps_hat, v) at x_t: the one place a network's output is converted."""
         t = self.schedule.timesteps(t, x_t.device)
         t = t.expand(x_t.shape[0]) if t.ndim == 0 else t
-        out = self._raw(x_t, t, cond)
+        out = self._raw(x_t, self.schedule.net_t(t), cond)
         a, s = self.schedule.alpha(t), self.schedule.sigma(t)
         if self.prediction_type == "flow":
             return Prediction(x0_from_flow(x_t, out, s), eps_from_flow(x_t, out, s), out)

@@ -34,8 +34,10 @@ class ModelRunner:
 
     @property
     def sampler(self) -> str:
-        """The student's own sampler ('flash', 'ddim' or 'lcm'), or 'dpmpp' for a teacher."""
-        return self.meta.get("sampler", "flash") if self.is_student else "dpmpp"
+        """The student's own sampler ('flash', 'ddim' or 'lcm'), or a teacher's: 'dpmpp', 'euler' (a flow model)."""
+        if self.is_student:
+            return self.meta.get("sampler", "flash")
+        return "euler" if self.schedule.flow else "dpmpp"
 
     def scheduler(self, steps: int, solver: str | None = None, noise_correction: bool | None = None):
         """The model's own sampler: a student's exported scheduler/ (at any step count: the runner picks the

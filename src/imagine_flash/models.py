@@ -36,9 +36,11 @@ class ModelFolderError(ValueError):
 
 def save_model_folder(out: str | Path, unet, schedule_config: dict, meta: dict, scheduler=None) -> None:
     """A diffusers-format folder: unet/ (safetensors), scheduler/ config, and imagine_flash.json metadata."""
-    from diffusers import DDIMScheduler
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
-    if scheduler is None:
+    if scheduler is None and schedule_config.get("kind") == "flow":  # a rectified-flow (velocity) model
+        scheduler = FlowMatchEulerDiscreteScheduler(**schedule_config["flow_config"])
+    elif scheduler is None:
         scheduler = DDIMScheduler(**schedule_config, prediction_type="epsilon", clip_sample=False,
                                   timestep_spacing="trailing")
     from .checkpoint import atomic_path
@@ -78,6 +80,16 @@ def student_scheduler(schedule_config: dict, timesteps, noise_correction: bool):
 def default_teacher() -> Path:
     """The shipped teacher's model folder."""
     return Path(__file__).parent / "assets" / "teacher"
+
+
+SHIPPED = {"flow": "teacher_flow"}  # --teacher NAME: a shipped teacher other than the default (assets/NAME)
+
+
+def teacher_path(spec) -> str:
+    """The folder of a --teacher value: a shipped teacher's name (SHIPPED), else the value itself (None: default)."""
+    if spec is None:
+        return str(default_teacher())
+    return str(Path(__file__).parent / "assets" / SHIPPED[spec]) if spec in SHIPPED else str(spec)
 
 
 def load_scheduler(folder: str | Path, **overrides):
@@ -120,7 +132,14 @@ def read_meta(path: str | Path) -> dict:
 
 
 def schedule_config_from(sched: dict, where) -> dict:
-    """The noise schedule of a diffusers scheduler config, or a one-line error for a model we cannot distil."""
+    """The noise schedule of a diffusers scheduler config, or a one-line error for a model we cannot distil. A
+    FlowMatchEulerDiscreteScheduler's is the rectified-flow path (kind 'flow'; the model predicts the velocity)."""
+    if sched.get("_class_name") == "FlowMatchEulerDiscreteScheduler":
+        config = {k: v for k, v in sched.items() if not k.startswith("_")}
+        if config.get("use_dynamic_shifting"):
+            raise ModelFolderError(f"{where}: use_dynamic_shifting needs a pipeline's resolution rule; use shift")
+        return {"kind": "flow", "num_train_timesteps": int(config.get("num_train_timesteps", 1000)),
+                "flow_config": config, "mu": None}
     pred = sched.get("prediction_type", "epsilon")
     if pred != "epsilon":
         raise ModelFolderError(f"{where}: prediction_type is {pred!r}; the teacher must be an epsilon model")

@@ -22,8 +22,8 @@ from .config import ConfigError
 from .denoisers import Cond
 from .encoders import PixelEncoder, VAEEncoder
 from .checkpoint import atomic_path
-from .models import (META_FILE, ModelFolderError, cast, default_teacher, load_model_folder, read_meta, save_student,
-                     schedule_config_from)
+from .models import (META_FILE, ModelFolderError, cast, load_model_folder, read_meta, save_student,
+                     schedule_config_from, teacher_path)
 
 FLOW_PIPELINES = {"StableDiffusion3Pipeline": "SD3Transformer2DModel", "FluxPipeline": "FluxTransformer2DModel"}
 PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", *FLOW_PIPELINES)
@@ -100,7 +100,7 @@ def load_bundle(spec: str | Path | None = None, dtype: torch.dtype = torch.float
     The UNet stays float32 (a student is initialised from it); the VAE and text encoders are cast to dtype. `text`
     replaces the MiniLM encoder of our folders; a pipeline always brings its own.
     """
-    spec = str(spec or default_teacher())
+    spec = teacher_path(spec)
     path = Path(spec)
     if (path / "model_index.json").is_file() or (not path.exists() and HUB_ID.fullmatch(spec)):
         return _load_pipeline(spec, dtype, device, resolution)
@@ -333,7 +333,7 @@ def export_student(run: Path, bundle: ModelBundle, student, timesteps, scheduler
     the method's sampler as its scheduler (FlashScheduler with the trained timesteps fixed, for flash). A LoRA
     student of a pipeline teacher also gets run/student_lora: its weights for the teacher pipeline."""
     meta = {"noise_correction": False, **meta, "timesteps": list(timesteps)}
-    if bundle.flow:  # the stock pipeline samples the student as trained with these arguments (docs/flow.md)
+    if bundle.flow and bundle.pipeline:  # the stock pipeline samples the student as trained with these (docs/flow.md)
         meta["resolution"] = bundle.resolution
         meta["pipeline_call"] = {"sigmas": meta["sigmas"], "height": bundle.resolution, "width": bundle.resolution,
                                  "guidance_scale": float(bundle.meta.get("embedded_guidance") or 1.0)}

@@ -1,4 +1,5 @@
-"""`imagine-flash pretrain`: train the embedded teacher (eps-prediction, caption dropout for CFG)."""
+"""`imagine-flash pretrain`: train the embedded teacher (eps-prediction, caption dropout for CFG), or its
+rectified-flow sibling (objective=flow: velocity prediction, as SD3/FLUX)."""
 from __future__ import annotations
 
 import copy
@@ -51,7 +52,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> Path:
     text(sorted(set(data.captions)) + [""])  # fill the cache once
     null = text([""])
     sched_cfg = schedule_config(cfg)
-    schedule = make_schedule(**sched_cfg)
+    schedule, flow = make_schedule(**sched_cfg), cfg.objective == "flow"
     unet = build_unet(cfg.variant, cfg.resolution)
     if cfg.init:  # e.g. continue the shipped teacher with another loss weighting
         from .models import load_model_folder
@@ -65,7 +66,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> Path:
         truncate_log(run / "log.csv", step)
     meta = {"kind": "imagine-flash teacher", "text_encoder": "all-MiniLM-L6-v2 (per-token, 16 tokens)",
             "resolution": cfg.resolution, "guidance_scale": cfg.guidance_scale, "variant": cfg.variant,
-            "dataset": "colored-fashion-mnist"}
+            "dataset": "colored-fashion-mnist", "objective": cfg.objective}
     log = open(run / "log.csv", "a" if step else "w", newline="")
     writer = csv.writer(log)
     N = len(data)
@@ -82,13 +83,19 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> Path:
         drop = torch.rand(B) < cfg.cond_drop
         cond.hidden = torch.where(drop[:, None, None], null.hidden.expand(B, -1, -1), cond.hidden)
         cond.mask = torch.where(drop[:, None], null.mask.expand(B, -1), cond.mask)
-        t = torch.randint(0, cfg.num_train_timesteps, (B,))
+        if flow:  # SD3's logit-normal sigmas (Esser et al. 2024): sigmoid of a standard normal
+            t = torch.sigmoid(torch.randn(B))
+        else:
+            t = torch.randint(0, cfg.num_train_timesteps, (B,))
         eps = torch.randn_like(x0)
         x_t = q_sample(x0, eps, schedule.alpha(t), schedule.sigma(t))
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.autocast == "bf16"):
-            eps_hat = Denoiser(unet, schedule)(x_t, t, cond).float()
-        w = eps_loss_weight(schedule.alpha(t), schedule.sigma(t), cfg.loss_weight).float()  # (B,)
-        loss = (w * (eps_hat - eps).square().mean(dim=(1, 2, 3))).mean()
+            pred = Denoiser(unet, schedule).predict(x_t, t, cond)
+        if flow:  # the velocity regression of rectified flow: v = eps - x0
+            loss = (pred.v.float() - (eps - x0)).square().mean()
+        else:
+            w = eps_loss_weight(schedule.alpha(t), schedule.sigma(t), cfg.loss_weight).float()  # (B,)
+            loss = (w * (pred.eps.float() - eps).square().mean(dim=(1, 2, 3))).mean()
         for g in opt.param_groups:
             g["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
         opt.zero_grad(set_to_none=True)

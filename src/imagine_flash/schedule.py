@@ -25,8 +25,12 @@ class Schedule:
     flow = False  # not a rectified-flow path: integer timesteps, the DDIM update
 
     def timesteps(self, t, device=None) -> torch.Tensor:
-        """Timesteps as the model takes them: long."""
+        """Timesteps as the samplers hold them: long."""
         return torch.as_tensor(t, device=device).long()
+
+    def net_t(self, t: torch.Tensor) -> torch.Tensor:
+        """The timestep input of the network: t itself."""
+        return t
 
     def step(self, x_t: torch.Tensor, pred, t, t_next) -> torch.Tensor:
         """Eq. 4 from a Prediction (x0, eps): x_{t'} = alpha_{t'} x0_hat + sigma_{t'} eps_hat."""
@@ -84,8 +88,12 @@ class FlowSchedule:
         return 1 - self.sigma(t)
 
     def timesteps(self, t, device=None) -> torch.Tensor:
-        """Timesteps as the denoiser takes them: float32 sigmas (the model adapter scales them for the network)."""
+        """Timesteps as the samplers hold them: float32 sigmas."""
         return torch.as_tensor(t, device=device, dtype=torch.float32)
+
+    def net_t(self, t: torch.Tensor) -> torch.Tensor:
+        """The timestep input of the network, as the flow pipelines compute it: sigma * T in float32."""
+        return torch.as_tensor(t, dtype=torch.float32) * self.T
 
     def step(self, x_t: torch.Tensor, pred, t, t_next) -> torch.Tensor:
         """Eq. 4 on the flow path, in the Euler form the pipelines use: x' = x + (sigma' - sigma) v."""

@@ -113,6 +113,7 @@ def pretrain_rules(T: int | None = None) -> dict[str, Rule]:
         "out": NONEMPTY, "variant": one_of(*UNET_VARIANTS), "init": NONEMPTY, "resolution": POSITIVE,
         "data_dir": NONEMPTY, "seed": COUNT, "batch_size": POSITIVE, "lr": RATE, "warmup_steps": COUNT,
         "weight_decay": at_least(0), "max_steps": POSITIVE, "ema_decay": DECAY,
+        "objective": one_of("eps", "flow"), "flow_shift": above(0),
         "loss_weight": one_of("eps", "trunc-snr"), "autocast": one_of("no", "bf16"),
         "cond_drop": within(0, 1, closed=True), "guidance_scale": at_least(0),
         "beta_schedule": one_of("scaled_linear", "linear"), "beta_start": within(0, 1), "beta_end": within(0, 1),
@@ -181,6 +182,8 @@ def validate(cfg, sources: dict[str, str] | None = None, T: int | None = None, d
     if isinstance(cfg, PretrainConfig):
         if cfg.beta_end <= cfg.beta_start:
             refuse("beta_end", f"must be > beta_start={cfg.beta_start}")
+        if cfg.objective == "flow" and cfg.loss_weight != "eps":
+            refuse("loss_weight", "weights the eps objective only (objective=flow regresses the velocity)")
         return
     if cfg.resolution and cfg.resolution % downscale:
         refuse("resolution", f"the teacher's VAE takes multiples of {downscale} px")
@@ -229,15 +232,17 @@ def teacher_facts(spec: str | None) -> tuple[int, int, bool]:
     """(T, pixel multiple, flow) of a local teacher folder from its JSON files: its training timesteps, the VAE's
     downscale (1 for pixel models; twice it for FLUX, which packs 2 x 2 latents) and whether it is a flow-matching
     pipeline. (1000, 1, False) when the folder is not local (a hub id): the loader checks later."""
-    from .models import default_teacher
+    from .models import teacher_path
     from .pipelines import FLOW_PIPELINES
 
-    path = Path(spec or default_teacher())
+    path = Path(teacher_path(spec))
     T = int(_json(path / "scheduler" / "scheduler_config.json").get("num_train_timesteps", 1000))
     vae = _json(path / "vae" / "config.json").get("block_out_channels")
     kind = _json(path / "model_index.json").get("_class_name")
     down = (2 ** (len(vae) - 1) if vae else 1) * (2 if kind == "FluxPipeline" else 1)
-    return T, down, kind in FLOW_PIPELINES
+    flow = kind in FLOW_PIPELINES or _json(path / "scheduler" / "scheduler_config.json").get(
+        "_class_name") == "FlowMatchEulerDiscreteScheduler"  # our own flow model folders too
+    return T, down, flow
 
 
 def check_pretrained(name: str, option: str) -> None:

@@ -84,10 +84,11 @@ class TransformerDiscriminator(nn.Module):
                                                  nn.Linear(head_dim, 1)) for _ in trunk.transformer_blocks)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """t: the network's timestep input, sigma * T (HingeAdversarial passes schedule.net_t)."""
         from ..denoisers import flux_image_ids, pack_latents
 
         tr, pooled, ehs = self.trunk, cond.extra["pooled_projections"], cond.hidden
-        t = torch.as_tensor(t, device=x_t.device, dtype=torch.float32).expand(x_t.shape[0]) * 1000
+        t = torch.as_tensor(t, device=x_t.device, dtype=torch.float32).expand(x_t.shape[0])  # sigma * T
         kw = {}
         if self.kind == "flux":
             H, W = x_t.shape[-2:]
@@ -123,13 +124,15 @@ class HingeAdversarial:
     def generator(self, disc, x0_fake: torch.Tensor, cond: Cond, gen: torch.Generator) -> torch.Tensor:
         """Generator hinge term: -D(q(x0_fake, eps, t_d)). Per sample (B,)."""
         t_d, eps = self._noised(x0_fake, gen)
-        return -disc(q_sample(x0_fake, eps, self.schedule.alpha(t_d), self.schedule.sigma(t_d)), t_d, cond)
+        x = q_sample(x0_fake, eps, self.schedule.alpha(t_d), self.schedule.sigma(t_d))
+        return -disc(x, self.schedule.net_t(t_d), cond)
 
     def discriminator(self, disc, x0_real: torch.Tensor, x0_fake: torch.Tensor, cond_real: Cond, cond_fake: Cond,
                       gen: torch.Generator) -> torch.Tensor:
         """Discriminator hinge loss: relu(1 - D(real)) + relu(1 + D(fake)). Per sample (B,)."""
         t_d, eps = self._noised(x0_real, gen)
         a, s = self.schedule.alpha(t_d), self.schedule.sigma(t_d)
-        d_real = disc(q_sample(x0_real, eps, a, s), t_d, cond_real)
-        d_fake = disc(q_sample(x0_fake.detach(), eps, a, s), t_d, cond_fake)
+        t_net = self.schedule.net_t(t_d)  # the network's timestep input (sigma * T on a flow path)
+        d_real = disc(q_sample(x0_real, eps, a, s), t_net, cond_real)
+        d_fake = disc(q_sample(x0_fake.detach(), eps, a, s), t_net, cond_fake)
         return torch.relu(1 - d_real) + torch.relu(1 + d_fake)
