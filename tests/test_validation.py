@@ -18,7 +18,7 @@ from imagine_flash.config import DistillConfig, PretrainConfig
 BAD_DISTILL = {
     "out": "", "teacher": "", "teacher_dtype": "fp8", "dataset": "", "method": "flashy", "variant": "no-such",
     "student_steps": 0, "student_timesteps": [500, 999], "reconstruction": "eq9", "recon_weight": "min-snr", "k": 0,
-    "gamma_table": [[900, 1000]], "recon_step_weights": [1.0, -1.0, 1.0], "guidance_scale": -1.0,
+    "gamma_table": [[900, 1000]], "recon_step_weights": [1.0, -1.0, 1.0], "guidance_scale": -1.0, "embedded_guidance": -1.0,
     "rollout_weights": "best", "batch_size": 0, "grad_accum": 0, "lr": 0.0, "adam_betas": [0.9, 1.0],
     "adv_weight": -0.1, "disc_lr": -1e-4, "disc_betas": [0.0], "disc_t_max": 1000, "disc_warmup": -1,
     "disc_type": "stylegan", "disc_features": "", "max_steps": 0, "ema_decay": 1.0, "grad_clip": -1.0,
@@ -31,7 +31,7 @@ BAD_DISTILL = {
 BAD_PRETRAIN = {
     "out": "", "variant": "huge", "init": "", "resolution": 0, "data_dir": "", "seed": -1, "batch_size": 0,
     "lr": 0.0, "warmup_steps": -1, "weight_decay": -0.1, "max_steps": 0, "ema_decay": 1.5, "loss_weight": "snr",
-    "autocast": "fp16", "cond_drop": 1.5, "guidance_scale": -2.0, "beta_schedule": "cosine", "beta_start": -0.1,
+    "autocast": "fp16", "cond_drop": 1.5, "guidance_scale": -2.0, "objective": "score", "flow_shift": 0.0, "beta_schedule": "cosine", "beta_start": -0.1,
     "beta_end": 1.0, "num_train_timesteps": 1, "ckpt_every": 0, "sample_every": 0, "log_every": 0, "threads": -2,
 }
 WRONG = {int: 1.5, float: True, str: [1], bool: 3, tuple: 7}  # a YAML value of another type than the annotation's

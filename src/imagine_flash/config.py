@@ -40,8 +40,8 @@ class PretrainConfig:
     objective: str = "eps"  # 'eps': an eps-prediction VP teacher (the embedded default); 'flow': a rectified-flow
     # velocity teacher (x_t = (1 - sigma) x0 + sigma eps, target eps - x0, sigma logit-normal as SD3), like SD3/FLUX
     flow_shift: float = 1.0  # flow: the shift of its FlowMatchEulerDiscreteScheduler (SD3 uses 3 at 1024 px)
-    loss_weight: str = "eps"  # eps objective: 'eps': plain eps-MSE (DDPM); 'trunc-snr': eps-MSE x max(1, 1/SNR), i.e. the larger of
-    # the eps and the x0 error (Salimans & Ho 2022), so that x0_hat near t = T is learned too
+    loss_weight: str = "eps"  # eps objective: 'eps': plain eps-MSE (DDPM); 'trunc-snr': eps-MSE x max(1, 1/SNR),
+    # i.e. the larger of the eps and the x0 error (Salimans & Ho 2022), so that x0_hat near t = T is learned too
     autocast: str = "no"  # 'bf16': bf16 autocast of the forward pass (fp32 weights and Adam); 'no': fp32
     cond_drop: float = 0.1  # probability of replacing the caption by "" (trains the unconditional branch for CFG)
     guidance_scale: float = 3.0  # default CFG scale stored with the teacher
@@ -164,22 +164,25 @@ class DistillConfig:
     Each field's range or choices: validation.distill_rules (checked by the CLI before any work starts)."""
 
     out: str = "runs/flash"  # run folder: checkpoints, samples, logs, the student in student/, metrics.json
-    teacher: str | None = None  # our model folder, a diffusers SD/SDXL pipeline folder or hub id (default: shipped)
+    teacher: str | None = None  # our model folder, a diffusers SD/SDXL/SD3/FLUX pipeline folder or hub id, or 'flow'
+    # (the shipped rectified-flow teacher); default: the shipped eps teacher
     teacher_dtype: str = "auto"  # frozen teacher, VAE, text encoders: auto (bf16 on CUDA and on CPUs with native bf16,
     # else fp16 on CUDA, fp32 on CPU), fp32, bf16, fp16
     dataset: str | None = None  # None/'fashion' = embedded coloured Fashion-MNIST, or an imagefolder path
     method: str = "flash"  # the loss plugged into the loop: flash, lcm, add, progressive (see METHODS)
     variant: str = "full"  # a Table 3 ablation: full, no-nc, no-disc, no-backward, no-srl
     student_steps: int = 3  # number of student steps; flash: the paper's timesteps for 1-3, else trailing ones
-    student_timesteps: tuple | None = None  # explicit student timesteps, overriding student_steps' defaults
+    student_timesteps: tuple | None = None  # explicit student timesteps, overriding student_steps' defaults (a flow
+    # teacher: sigmas in (0, 1] before its shift, as a pipeline's sigmas=; default 1 - j / (n + 1), docs/flow.md)
     noise_correction: bool = True  # Eq. 9 in the training rollouts and at inference
     backward: bool = True  # §4.1 backward distillation (False: forward-noised real data)
     reconstruction: str = "srl"  # 'srl' (Eq. 8), 'eq7' (Eq. 7, no shift), 'srl+eq7' (Eq. 8, but Eq. 7 for the last
     # student step; an earlier run of that target gave FID 179.0 against 204.5, its files not committed) or 'none'
     recon_weight: str = "none"  # flash: per-sample weight of the x0 error: 'none' (the paper) or 'snr' (alpha_t^2 /
     # sigma_t^2, the student's eps error: balances the steps; not measured yet)
-    k: int = 8  # teacher DDIM steps for the target
+    k: int = 8  # teacher DDIM steps for the target (Euler steps on a flow path)
     gamma_table: tuple = ((900, 990), (500, 950), (-1, 200))  # SRL gamma(t): (threshold, value), value if t > threshold
+    # (a flow teacher: in units of sigma * T, on the shifted sigma)
     recon_step_weights: tuple | None = None  # flash: weight of each student step i's reconstruction loss (None: 1)
     guidance_scale: float | None = None  # teacher CFG scale for targets (default: the teacher's own; FLUX: 1, no
     # true CFG, as its pipeline)
@@ -193,9 +196,11 @@ class DistillConfig:
     adv_weight: float = 0.05  # weight of the adversarial generator term (0 turns the discriminator off)
     disc_lr: float = 1e-4  # discriminator Adam learning rate (paper: 1e-4; 4e-4 measured worse, see docs/)
     disc_betas: tuple = (0.0, 0.99)  # discriminator Adam betas
-    disc_t_max: int = 500  # real and fake are re-noised to t_d ~ U[0, disc_t_max] before the discriminator
+    disc_t_max: int = 500  # real and fake are re-noised to t_d ~ U[0, disc_t_max] before the discriminator (a flow
+    # teacher: sigma ~ U[0, disc_t_max / T])
     disc_warmup: int = 0  # steps before the adversarial term enters the generator loss
-    disc_type: str = "unet"  # 'unet': the teacher U-Net's encoder (§5.1); 'projected': heads on frozen disc_features
+    disc_type: str = "unet"  # 'unet': the teacher U-Net's encoder (§5.1; SD3/FLUX: the transformer's first blocks,
+    # frozen, with heads); 'projected': heads on frozen disc_features
     disc_features: str = "facebook/dinov2-small"  # projected: a transformers vision backbone (hub id or folder)
     max_steps: int = 600  # student updates
     ema_decay: float = 0.99  # EMA of the student; the exported student is the EMA

@@ -108,7 +108,8 @@ class FlowSchedule:
     def gamma(self, t, table) -> torch.Tensor:
         """SRL's gamma on sigma after the shift, the table in the model's timestep units sigma * T (the VP table's
         numbers: gamma(sigma > 0.9) = 0.99, gamma(0.9 >= sigma > 0.5) = 0.95, else 0.2 by default)."""
-        return gamma_shift(torch.as_tensor(t, dtype=torch.float64) * self.T, table).to(torch.float64).div(self.T).float()
+        t = torch.as_tensor(t, dtype=torch.float64) * self.T
+        return (gamma_shift(t, table).to(torch.float64) / self.T).float()
 
     def random_t(self, t_max: int, n: int, gen, device=None) -> torch.Tensor:
         """n sigmas uniform in [0, t_max / T]."""

@@ -120,7 +120,8 @@ class FlashLoss(Method):
     @classmethod
     def timesteps(cls, cfg, schedule=None) -> list:
         """The paper's timesteps at 1-3 steps (§5.1), unless given; else trailing ones (flow: Method.flow_sigmas)."""
-        if not getattr(schedule, "flow", False) and not cfg.student_timesteps and cfg.student_steps in STUDENT_TIMESTEPS:
+        vp = not getattr(schedule, "flow", False)
+        if vp and not cfg.student_timesteps and cfg.student_steps in STUDENT_TIMESTEPS:
             return list(STUDENT_TIMESTEPS[cfg.student_steps])
         return super().timesteps(cfg, schedule)
 
