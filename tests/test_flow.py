@@ -204,11 +204,13 @@ def test_shift_and_gamma_on_shifted_sigmas():
 
 
 def _velocity_net(record=None):
-    """A plain net returning a fixed function of (x, sigma, cond) as the velocity; records its sigmas."""
+    """A plain net returning a fixed function of (x, sigma, cond) as the velocity; it is given sigma * T (the
+    network's timestep input, schedule.net_t) and records it."""
     def net(x, t, cond):
         if record is not None:
             record.append(t.clone())
-        return 0.3 * x - t.view(-1, 1, 1, 1) * cond.hidden.mean(dim=(1, 2)).view(-1, 1, 1, 1) + 0.1
+        s = t.view(-1, 1, 1, 1) / 1000
+        return 0.3 * x - s * cond.hidden.mean(dim=(1, 2)).view(-1, 1, 1, 1) + 0.1
     return net
 
 
@@ -252,12 +254,12 @@ def test_flow_rollout_and_srl_steps():
     gen = Shard(torch.Generator().manual_seed(0), 0, 1)
     target, steps = srl_target(teacher, x0, torch.tensor(ts), cond, sched, 4, gen, ((900, 990), (500, 950), (-1, 200)))
     assert len(seen) == 4 and all(len(t) == 6 for t in seen)  # k calls, cond and null in one batch
-    assert seen[0][:3].tolist() == pytest.approx([0.99, 0.95, 0.2])
+    assert seen[0][:3].tolist() == pytest.approx([990, 950, 200])  # gamma(sigma) * T
     assert steps[0].tolist() == pytest.approx([0.99, 0.7425, 0.495, 0.2475])
     assert target.shape == x0.shape and torch.isfinite(target).all()
     # CFG on the velocity, by hand: v_u + w (v_c - v_u), and x0 from it.
     net, s = _velocity_net(), torch.tensor([0.5, 0.5, 0.5])
-    v_c, v_u = net(x0, s, cond), net(x0, s, null)
+    v_c, v_u = net(x0, s * 1000, cond), net(x0, s * 1000, null)
     pred = teacher.predict(x0, s, cond)
     torch.testing.assert_close(pred.v, v_u + 2.0 * (v_c - v_u))
     torch.testing.assert_close(pred.x0, x0 - 0.5 * pred.v)
