@@ -57,6 +57,19 @@ def saved_gb(fn, module) -> float:
     return total[0] / 1e9
 
 
+def checkpointed_and_lora(net, fwd, name: str) -> dict:
+    """Activations with gradient checkpointing; then a rank-64 LoRA's trainable parameters and activations."""
+    from peft import LoraConfig
+
+    net.enable_gradient_checkpointing()
+    net.train()
+    out = {f"{name}_act_gb_ckpt": saved_gb(fwd, net)}
+    net.disable_gradient_checkpointing()
+    net.requires_grad_(False)
+    net.add_adapter(LoraConfig(r=64, lora_alpha=64, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    return {**out, "params_lora64_B": n_params(net, trainable_only=True), "lora_act_gb": saved_gb(fwd, net)}
+
+
 SD35M = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
              num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
              out_channels=16, pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")
@@ -70,9 +83,8 @@ def flow_costs(kind: str, resolution: int = 1024) -> dict:
     """The transformer, the transformer-block discriminator (2 blocks + heads) and a rank-64 LoRA of an SD3.5-medium
     ('sd3', 77 CLIP + 256 T5 tokens) or FLUX.1-dev ('flux', 512 T5 tokens) teacher, at `resolution`."""
     from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
-    from peft import LoraConfig
 
-    from imagine_flash.denoisers import Denoiser, _call_net
+    from imagine_flash.denoisers import _call_net
     from imagine_flash.losses.discriminator import TransformerDiscriminator
 
     lat = resolution // 8
@@ -98,20 +110,11 @@ def flow_costs(kind: str, resolution: int = 1024) -> dict:
            "net_gflops": gflops(fwd), "disc_gflops": gflops(disc_fwd),
            "vae_encode_gflops": gflops(lambda: vae.encode(img).latent_dist.mean),
            "net_act_gb": saved_gb(fwd, net), "disc_act_gb": saved_gb(disc_fwd, disc)}
-    net.enable_gradient_checkpointing()
-    net.train()
-    out["net_act_gb_ckpt"] = saved_gb(fwd, net)
-    net.disable_gradient_checkpointing()
-    net.requires_grad_(False)
-    net.add_adapter(LoraConfig(r=64, lora_alpha=64, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    out["params_lora64_B"] = n_params(net, trainable_only=True)
-    out["lora_act_gb"] = saved_gb(fwd, net)
+    out.update(checkpointed_and_lora(net, fwd, "net"))
     return {k: round(v, 3) for k, v in out.items()}
 
 
 def costs(unet_cfg: dict, resolution: int, text_cfgs: list) -> dict:
-    from peft import LoraConfig
-
     with torch.device("meta"):
         unet, vae = UNet2DConditionModel(**unet_cfg), AutoencoderKL(**VAE)
         disc = UNetEncoderDiscriminator(unet)
@@ -136,14 +139,7 @@ def costs(unet_cfg: dict, resolution: int, text_cfgs: list) -> dict:
     disc.enc.enable_gradient_checkpointing()
     disc.train()
     out["disc_act_gb_ckpt"] = saved_gb(disc_fwd, disc)
-    unet.enable_gradient_checkpointing()
-    unet.train()
-    out["unet_act_gb_ckpt"] = saved_gb(unet_fwd, unet)
-    unet.disable_gradient_checkpointing()
-    unet.requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=64, lora_alpha=64, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    out["params_lora64_B"] = n_params(unet, trainable_only=True)
-    out["lora_act_gb"] = saved_gb(unet_fwd, unet)
+    out.update(checkpointed_and_lora(unet, unet_fwd, "unet"))
     return {k: round(v, 3) for k, v in out.items()}
 
 

@@ -7,11 +7,12 @@ import sys
 
 from safetensors.torch import load_file
 
+from imagine_flash.checkpoint import latest
 from imagine_flash.models import load_model_folder, save_model_folder
 
 run, out, which = sys.argv[1], sys.argv[2], (sys.argv[3] if len(sys.argv) > 3 else "ema")
 unet, sched_cfg, meta = load_model_folder(f"{run}/model")
-unet.load_state_dict(load_file(f"{run}/ckpt/{'ema' if which == 'ema' else 'unet'}.safetensors"))
+unet.load_state_dict(load_file(latest(run) / f"{'ema' if which == 'ema' else 'unet'}.safetensors"))
 
 save_model_folder(out, unet.half(), sched_cfg, {**meta, "weights": which})
 print(f"exported {which} weights of {run} to {out}")

@@ -2,9 +2,12 @@
 
 For a teacher folder (default: the shipped one) it prints, on the first N real test images and protocol prompts:
 - the SRL operator on real images: std of the pixels after 1 and 2 passes of q(x, eps, gamma) followed by k teacher
-  DDIM steps with CFG, at each gamma (a faithful teacher keeps the contrast: ratio ~1.00 per pass);
-- x0_hat at t = T-1 against the data (MSE, CFG 1), beside the MSE of predicting the mean test image;
-- speckle (mean squared Laplacian, 'HF') of unguided (CFG 1) 25-step DPM-Solver++ samples against real images.
+  DDIM steps with CFG, at each gamma (a faithful teacher keeps the contrast: ratio ~1.00 per pass); for a flow
+  teacher gamma is in sigma * T units and the steps are Euler steps;
+- x0_hat at t = T-1 (a flow teacher: sigma = 1) against the data (MSE, CFG 1), beside the MSE of predicting the mean
+  test image;
+- speckle (mean squared Laplacian, 'HF') of unguided (CFG 1) 25-step samples (DPM-Solver++; Euler for a flow
+  teacher) against real images.
 With --json PATH it also writes them. FID and alignment: `imagine-flash evaluate --model FOLDER`.
 
 Usage: python scripts/teacher_quality.py [TEACHER_FOLDER] [--n 256] [--gammas 200,750,950] [--k 8]
@@ -20,7 +23,7 @@ from imagine_flash.denoisers import Denoiser
 from imagine_flash.eval.metrics import real_reference, speckle
 from imagine_flash.generate import ModelRunner
 from imagine_flash.sampling import ddim_sample
-from imagine_flash.schedule import q_sample, uniform_timesteps, x0_from_eps
+from imagine_flash.schedule import q_sample
 
 
 @torch.inference_mode()
@@ -39,15 +42,15 @@ def measure(folder, n: int, gammas: list[int], k: int, guidance_scale: float | N
         x, stds = real, []
         for _ in range(2):
             eps = torch.randn(x.shape, generator=gen)
-            t = torch.full((n,), g)
+            t = torch.full((n,), g / T if sched.flow else g)  # a flow teacher: gamma in sigma * T units
             chi = q_sample(x, eps, sched.alpha(t), sched.sigma(t))
-            x = ddim_sample(guided, chi, cond, uniform_timesteps(t, k), sched).clamp(-1, 1)
+            x = ddim_sample(guided, chi, cond, sched.uniform(t, k), sched).clamp(-1, 1)
             stds.append(x.std().item())
         out["srl_operator"][str(g)] = {"std_pass1": stds[0], "std_pass2": stds[1],
                                         "ratio_pass1": stds[0] / out["real_std"], "ratio_pass2": stds[1] / stds[0]}
-    t = torch.full((n,), T - 1)
+    t = torch.full((n,), 1.0 if sched.flow else T - 1)  # the noisiest level: sigma = 1 on a flow path
     x_t = q_sample(real, torch.randn(real.shape, generator=gen), sched.alpha(t), sched.sigma(t))
-    x0_hat = x0_from_eps(x_t, plain(x_t, t, cond), sched.alpha(t), sched.sigma(t))
+    x0_hat = plain.predict(x_t, t, cond).x0
     out["x0_mse_tT"] = (x0_hat - real).square().mean().item()
     out["mean_image_mse"] = (real.mean(0, keepdim=True) - real).square().mean().item()
     samples, _ = runner.sample(prompts, list(range(n)), steps=25, guidance_scale=1.0)

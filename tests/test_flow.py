@@ -15,22 +15,11 @@ from imagine_flash.schedule import (FlowSchedule, ddim_step, eps_from_flow, eule
                                     noise_corrected_step, q_sample, x0_from_flow)
 
 from conftest import assert_same_checkpoints, needs_data
-
-PROMPTS = ["a red shoe", "a blue bag", "a green hat", "a pink coat"]
+from test_pipelines import PROMPTS, TinyData, _text_encoder, _tokenizer
+from test_pipelines import _cfg as pipeline_cfg
 
 
 # ------------------------------------------------------------------------------------------ tiny pipelines
-
-def _clip_tokenizer(folder):
-    from transformers import CLIPTokenizer
-
-    folder.mkdir(parents=True, exist_ok=True)
-    letters = list(string.ascii_lowercase)
-    vocab = ["<|startoftext|>", "<|endoftext|>", "!"] + letters + [c + "</w>" for c in letters]
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16)
-
 
 def _t5_tokenizer():
     """A T5 (Unigram) tokenizer over single letters, built in memory (no hub)."""
@@ -38,14 +27,6 @@ def _t5_tokenizer():
 
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(c, -1.0) for c in string.ascii_lowercase]
     return T5Tokenizer(vocab=vocab + [("\u2581", -1.0)], extra_ids=0, model_max_length=16)
-
-
-def _clip(cls, hidden: int, **kw):
-    from transformers import CLIPTextConfig
-
-    return cls(CLIPTextConfig(vocab_size=64, hidden_size=hidden, intermediate_size=32, num_attention_heads=2,
-                              num_hidden_layers=2, max_position_embeddings=16, bos_token_id=0, eos_token_id=1,
-                              pad_token_id=1, **kw)).eval()
 
 
 def _t5():
@@ -75,11 +56,11 @@ def sd3_teacher(tmp_path_factory):
     net = SD3Transformer2DModel(sample_size=8, patch_size=1, in_channels=4, num_layers=1, attention_head_dim=8,
                                 num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=32,
                                 pooled_projection_dim=32, out_channels=4)
-    tok = _clip_tokenizer(root / "tok")
+    tok = _tokenizer(root / "tok")
     pipe = StableDiffusion3Pipeline(
         transformer=net, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=_vae(),
-        text_encoder=_clip(CLIPTextModelWithProjection, 16, projection_dim=16), tokenizer=tok,
-        text_encoder_2=_clip(CLIPTextModelWithProjection, 16, projection_dim=16), tokenizer_2=tok,
+        text_encoder=_text_encoder(CLIPTextModelWithProjection, 16, projection_dim=16), tokenizer=tok,
+        text_encoder_2=_text_encoder(CLIPTextModelWithProjection, 16, projection_dim=16), tokenizer_2=tok,
         text_encoder_3=_t5(), tokenizer_3=_t5_tokenizer())
     pipe.save_pretrained(root / "pipe", safe_serialization=True)
     return root / "pipe"
@@ -98,34 +79,14 @@ def flux_teacher(tmp_path_factory):
                                  pooled_projection_dim=16, axes_dims_rope=[4, 4, 8], guidance_embeds=True)
     sched = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                                             base_image_seq_len=4, max_image_seq_len=64)
-    pipe = FluxPipeline(transformer=net, scheduler=sched, vae=_vae(), text_encoder=_clip(CLIPTextModel, 16),
-                        tokenizer=_clip_tokenizer(root / "tok"), text_encoder_2=_t5(), tokenizer_2=_t5_tokenizer())
+    pipe = FluxPipeline(transformer=net, scheduler=sched, vae=_vae(), text_encoder=_text_encoder(CLIPTextModel, 16),
+                        tokenizer=_tokenizer(root / "tok"), text_encoder_2=_t5(), tokenizer_2=_t5_tokenizer())
     pipe.save_pretrained(root / "pipe", safe_serialization=True)
     return root / "pipe"
 
 
-class TinyData:
-    """8 random 16 x 16 images with 4 captions."""
-
-    def __init__(self):
-        g = torch.Generator().manual_seed(0)
-        self.images = torch.rand(8, 3, 16, 16, generator=g) * 2 - 1
-        self.captions = PROMPTS * 2
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, i):
-        return {"image": self.images[i], "caption": self.captions[i]}
-
-
 def _cfg(out, teacher, **kw):
-    from imagine_flash.config import DistillConfig
-
-    base = dict(out=str(out), teacher=str(teacher), batch_size=2, k=2, max_steps=2, ckpt_every=1, sample_every=1000,
-                log_every=1, eval_samples=0, adv_weight=0.1, resolution=16, teacher_dtype="fp32")
-    base.update(kw)
-    return DistillConfig(**base)
+    return pipeline_cfg(out, teacher, **{"resolution": 16, "teacher_dtype": "fp32", **kw})
 
 
 def _image_folder(path):

@@ -206,64 +206,6 @@ def _load_flow_pipeline(spec: str, kind: str, sched: dict, dtype, device, resolu
                        int(pipe.vae.config.latent_channels))
 
 
-class FlowPipelineText:
-    """Prompt conditioning exactly as an SD3 or FLUX pipeline's encode_prompt makes it, cached per prompt on the CPU.
-
-    SD3: CLIP-L, CLIP-G and T5 states (B, L, D) and the pooled CLIP projections (B, P) as `pooled_projections`.
-    FLUX: T5 states and CLIP's pooled output, and FLUX-dev's guidance embedding value as `guidance` (B,). The null
-    cond (for CFG) is the empty prompt's, as the pipelines' negative with no negative prompt.
-    """
-
-    CHUNK = 32
-
-    def __init__(self, pipe, embedded_guidance: float | None = None, max_prompts: int = 20_000):
-        self.pipe, self.guidance, self.max_prompts = pipe, embedded_guidance, max_prompts
-        self.flux = type(pipe).__name__ == "FluxPipeline"
-        self._cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
-        self._null: Cond | None = None
-        self.max_len = 512 if self.flux else 256  # the pipelines' default max_sequence_length for T5
-
-    @torch.no_grad()
-    def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(hidden (B, L, D), pooled (B, P)), as the pipeline's own call encodes them."""
-        dev = self.pipe.transformer.device if self.pipe.transformer is not None else "cpu"
-        if self.flux:
-            hidden, pooled, _ = self.pipe.encode_prompt(prompts, prompt_2=None, device=dev,
-                                                        max_sequence_length=self.max_len)
-        else:
-            hidden, _, pooled, _ = self.pipe.encode_prompt(prompts, prompt_2=None, prompt_3=None, device=dev,
-                                                           do_classifier_free_guidance=False,
-                                                           max_sequence_length=self.max_len)
-        return hidden.cpu(), pooled.cpu()
-
-    def _cond(self, hidden: torch.Tensor, pooled: torch.Tensor) -> Cond:
-        extra = {"pooled_projections": pooled.float()}
-        if self.guidance is not None:
-            extra["guidance"] = torch.full((len(hidden),), float(self.guidance))
-        return Cond(hidden.float(), None, extra)
-
-    def __call__(self, prompts: list[str]) -> Cond:
-        new = sorted({p for p in prompts if p not in self._cache})
-        for i in range(0, len(new), self.CHUNK):  # fixed-size chunks: an embedding does not depend on batch-mates
-            chunk = new[i:i + self.CHUNK]
-            hidden, pooled = self._encode(chunk + [""] * (self.CHUNK - len(chunk)))
-            for j, p in enumerate(chunk):
-                self._cache[p] = (hidden[j].clone(), pooled[j].clone())
-        entries = []
-        for p in prompts:
-            self._cache.move_to_end(p)
-            entries.append(self._cache[p])
-        while len(self._cache) > max(self.max_prompts, len(prompts)):
-            self._cache.popitem(last=False)
-        return self._cond(torch.stack([h for h, _ in entries]), torch.stack([q for _, q in entries]))
-
-    def null_cond(self) -> Cond:
-        """The empty prompt's conditioning (SD3's negative with no negative prompt is the encoded "")."""
-        if self._null is None:
-            self._null = self._cond(*self._encode([""]))
-        return self._null
-
-
 class PipelineText:
     """Prompt conditioning exactly as the pipeline's own encode_prompt makes it, cached per prompt on the CPU.
 
@@ -316,7 +258,7 @@ class PipelineText:
         while len(self._cache) > max(self.max_prompts, len(prompts)):
             self._cache.popitem(last=False)
         hidden = torch.stack([h for h, _ in entries])
-        pooled = None if not self.sdxl else torch.stack([q for _, q in entries])
+        pooled = None if entries[0][1] is None else torch.stack([q for _, q in entries])
         return self._cond(hidden, pooled)
 
     def null_cond(self) -> Cond:
@@ -324,6 +266,42 @@ class PipelineText:
         if self._null is None:
             self._null = self._cond(*self._encode([""], null=True))
         return self._null
+
+
+class FlowPipelineText(PipelineText):
+    """Prompt conditioning exactly as an SD3 or FLUX pipeline's encode_prompt makes it, cached per prompt on the CPU
+    (PipelineText's cache and fixed-size chunks).
+
+    SD3: CLIP-L, CLIP-G and T5 states (B, L, D) and the pooled CLIP projections (B, P) as `pooled_projections`.
+    FLUX: T5 states and CLIP's pooled output, and FLUX-dev's guidance embedding value as `guidance` (B,). The null
+    cond (for CFG) is the empty prompt's, as the pipelines' negative with no negative prompt. T5 takes the pipelines'
+    default max_sequence_length (SD3 256, FLUX 512).
+    """
+
+    def __init__(self, pipe, embedded_guidance: float | None = None, max_prompts: int = 20_000):
+        super().__init__(pipe, 0, max_prompts)
+        self.guidance = embedded_guidance
+        self.flux = type(pipe).__name__ == "FluxPipeline"
+        self.max_len = 512 if self.flux else 256
+
+    @torch.no_grad()
+    def _encode(self, prompts: list[str], null: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden (B, L, D), pooled (B, P)), as the pipeline's own call encodes them ("" is the negative)."""
+        dev = self.pipe.transformer.device if self.pipe.transformer is not None else "cpu"
+        if self.flux:
+            hidden, pooled, _ = self.pipe.encode_prompt(prompts, prompt_2=None, device=dev,
+                                                        max_sequence_length=self.max_len)
+        else:
+            hidden, _, pooled, _ = self.pipe.encode_prompt(prompts, prompt_2=None, prompt_3=None, device=dev,
+                                                           do_classifier_free_guidance=False,
+                                                           max_sequence_length=self.max_len)
+        return hidden.cpu(), pooled.cpu()
+
+    def _cond(self, hidden: torch.Tensor, pooled: torch.Tensor) -> Cond:
+        extra = {"pooled_projections": pooled.float()}
+        if self.guidance is not None:
+            extra["guidance"] = torch.full((len(hidden),), float(self.guidance))
+        return Cond(hidden.float(), None, extra)
 
 
 # ------------------------------------------------------------------------------------------------------- export
