@@ -83,23 +83,21 @@ def net_kind(net) -> str:
 
 
 def pack_latents(x: torch.Tensor) -> torch.Tensor:
-    """FLUX's 2 x 2 patch packing (FluxPipeline._pack_latents): (B, C, H, W) -> (B, H/2 * W/2, 4C)."""
-    B, C, H, W = x.shape
-    return x.view(B, C, H // 2, 2, W // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(B, (H // 2) * (W // 2), C * 4)
+    """FLUX's 2 x 2 patch packing, diffusers' own: (B, C, H, W) -> (B, H/2 * W/2, 4C)."""
+    from diffusers import FluxPipeline
+    return FluxPipeline._pack_latents(x, *x.shape)
 
 
 def unpack_latents(x: torch.Tensor, H: int, W: int) -> torch.Tensor:
-    """The inverse of pack_latents (FluxPipeline._unpack_latents): (B, H/2 * W/2, 4C) -> (B, C, H, W)."""
-    B, _, C4 = x.shape
-    return x.view(B, H // 2, W // 2, C4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(B, C4 // 4, H, W)
+    """The inverse of pack_latents, diffusers' own (vae_scale_factor 1: H, W are latent sizes) -> (B, C, H, W)."""
+    from diffusers import FluxPipeline
+    return FluxPipeline._unpack_latents(x, H, W, 1)
 
 
 def flux_image_ids(H: int, W: int, device, dtype) -> torch.Tensor:
-    """FLUX's latent position ids (FluxPipeline._prepare_latent_image_ids) for an H x W latent: (H/2 * W/2, 3)."""
-    ids = torch.zeros(H // 2, W // 2, 3)
-    ids[..., 1] = ids[..., 1] + torch.arange(H // 2)[:, None]
-    ids[..., 2] = ids[..., 2] + torch.arange(W // 2)[None, :]
-    return ids.reshape(-1, 3).to(device=device, dtype=dtype)
+    """FLUX's latent position ids for an H x W latent, diffusers' own: (H/2 * W/2, 3)."""
+    from diffusers import FluxPipeline
+    return FluxPipeline._prepare_latent_image_ids(1, H // 2, W // 2, device, dtype)
 
 
 def _call_net(net, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:

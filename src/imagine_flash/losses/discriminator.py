@@ -74,9 +74,8 @@ class TransformerDiscriminator(nn.Module):
         self.kind = net_kind(base)
         trunk = copy.deepcopy(base).float().requires_grad_(False).eval()
         trunk.transformer_blocks = trunk.transformer_blocks[:n_blocks]
-        for name in ("single_transformer_blocks",):
-            if hasattr(trunk, name):
-                setattr(trunk, name, nn.ModuleList())
+        if hasattr(trunk, "single_transformer_blocks"):  # FLUX: only its first joint blocks are kept
+            trunk.single_transformer_blocks = nn.ModuleList()
         trunk.norm_out = trunk.proj_out = None  # the output half is not used
         self.trunk = trunk
         dim = trunk.config.num_attention_heads * trunk.config.attention_head_dim
