@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from imagine_flash.benchmark import ROWS, STUDENTS, findings
+from imagine_flash.benchmark import CLOCK_STUDENTS, ROWS, STUDENTS, BenchmarkConfig, clock_rows, findings
 
 from conftest import needs_data, needs_inception
 
@@ -27,14 +27,29 @@ def test_protocol_has_every_row_and_student():
     assert len(ROWS) == 18 and len(STUDENTS) == 10
     assert {r.student for r in ROWS if r.student} == {key for key, *_ in STUDENTS}
     assert (ROWS[0].method, ROWS[0].steps) == ("teacher-dpmpp", 25)  # the reference of Table 4
+    methods = {key: method for key, method, *_ in STUDENTS}
+    assert set(CLOCK_STUDENTS) <= methods.keys() and "progressive" not in {methods[k] for k in CLOCK_STUDENTS}
+    timed = clock_rows(BenchmarkConfig())  # the issue's marks, for flash and LCM at least
+    assert {(r.method, r.minutes) for r in timed} >= {(m, t) for m in ("flash", "lcm") for t in (5, 10, 20, 40, 80)}
+    assert len({r.key for r in ROWS + timed}) == len(ROWS) + len(timed)  # every row its own file
+
+
+def test_equal_time_findings_compare_at_each_mark():
+    rows = [_row("flash", 3, 104.0, 0.95), _row("lcm", 3, 110.0, 0.9)]
+    rows += [{**_row("flash", 3, f, 0.95), "minutes": m} for f, m in ((150.0, 5.0), (100.0, 10.0))]
+    rows += [{**_row("lcm", 3, f, 0.9), "minutes": m} for f, m in ((120.0, 5.0), (110.0, 10.0))]
+    got = {claim: ok for claim, ok, _ in findings(rows)}
+    assert got["flash-3 beats lcm-3 in FID and alignment after 5 training minutes"] is False
+    assert got["flash-3 beats lcm-3 in FID and alignment after 10 training minutes"] is True
+    assert got["flash-3 beats lcm-3 in FID and alignment"] is True  # the equal-update rows, not the timed ones
 
 
 @needs_data
 @needs_inception
 @pytest.mark.slow
 def test_benchmark_quick_end_to_end(tmp_path, monkeypatch):
-    """`benchmark --quick` on one student and two of the protocol's rows (the reference and flash): training,
-    measuring, results.json/md, the plots, the grid, and resuming. All 18 rows are the same code path (the baselines'
+    """`benchmark --quick` on one student and two of the protocol's rows (the reference and flash), plus that student
+    against the clock at two marks: training, measuring, results.json/md, the plots, the grid, and resuming. All 18 rows are the same code path (the baselines'
     exported samplers are checked in test_baselines.py); the findings on them are judged in
     test_findings_are_judged_on_the_numbers."""
     from PIL import Image
@@ -45,22 +60,30 @@ def test_benchmark_quick_end_to_end(tmp_path, monkeypatch):
     rows = [r for r in ROWS if r.key in ("teacher-dpmpp-full-25", "flash-full-1")]
     monkeypatch.setattr(benchmark, "ROWS", rows)
     monkeypatch.setattr(benchmark, "STUDENTS", [s for s in STUDENTS if s[0] == "flash-1"])
+    monkeypatch.setattr(benchmark, "CLOCK_STUDENTS", ["flash-1"])
     out = tmp_path / "bench"
-    argv = ["benchmark", "--quick", "--out", str(out), "--threads", "1", "--fid-reference", "16"]
+    argv = ["benchmark", "--quick", "--out", str(out), "--threads", "1", "--fid-reference", "16",
+            "--minutes", "0.01,0.03"]
     assert main(argv) == 0
     res = json.loads((out / "results.json").read_text())
-    assert [(r["method"], r["steps"]) for r in res["rows"]] == [("teacher-dpmpp", 25), ("flash", 1)]
+    assert [(r["method"], r["steps"], r["minutes"]) for r in res["rows"]] == [
+        ("teacher-dpmpp", 25, None), ("flash", 1, None), ("flash", 1, 0.01), ("flash", 1, 0.03)]
+    timed = res["rows"][2:]  # one run against the clock, measured at each mark: more minutes, more updates
+    assert 0.01 <= timed[0]["train_minutes"] < timed[1]["train_minutes"] and timed[1]["train_minutes"] >= 0.03
+    assert 1 <= timed[0]["train_steps"] < timed[1]["train_steps"]
+    assert "At equal training minutes" in (out / "results.md").read_text()
     keys = {"method", "steps", "variant", "nfe", "fid", "kid", "fid_indomain", "color_acc", "class_acc",
             "ms_per_image", "rel_fid", "rel_alignment", "train_minutes"}
     for r in res["rows"]:
         assert keys <= r.keys()
         assert all(isinstance(r[k], (int, float)) for k in keys - {"method", "variant", "train_minutes"})
     assert res["rows"][0]["rel_fid"] == 100.0
-    for f in ("results.md", "fid_vs_steps.png", "alignment_vs_steps.png", "fid_vs_ms.png", "grid.png"):
+    for f in ("results.md", "fid_vs_steps.png", "alignment_vs_steps.png", "fid_vs_ms.png", "fid_vs_minutes.png",
+              "grid.png"):
         assert (out / f).is_file(), f
     assert Image.open(out / "grid.png").height > len(rows) * 16 * 4  # one row of 8 images per benchmark row
     # Resumable: a second run recomputes nothing (every student and row is found on disk).
-    stamp = {p: p.stat().st_mtime_ns for p in (out / "rows").glob("*.json")}
-    assert len(stamp) == len(rows)
+    stamp = {p: p.stat().st_mtime_ns for p in [*(out / "rows").glob("*.json"), *(out / "students").rglob("*.json")]}
+    assert len(list((out / "rows").glob("*.json"))) == len(rows) + 2
     assert main(argv) == 0
-    assert {p: p.stat().st_mtime_ns for p in (out / "rows").glob("*.json")} == stamp
+    assert {p: p.stat().st_mtime_ns for p in stamp} == stamp

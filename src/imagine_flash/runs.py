@@ -14,8 +14,8 @@ from .checkpoint import LEGACY, POINTER, has_checkpoint
 from .config import ConfigError
 
 # Settings that cannot change what a resumed run computes: they may differ from the run's config.json.
-RESUMABLE = {"out", "max_steps", "threads", "log_every", "sample_every", "ckpt_every", "eval_samples", "eval_batch",
-             "fid_reference", "eval_teacher_steps"}
+RESUMABLE = {"out", "max_steps", "max_minutes", "threads", "log_every", "sample_every", "ckpt_every", "eval_samples",
+             "eval_batch", "fid_reference", "eval_teacher_steps"}
 
 # The files and folders a run writes (--overwrite deletes these, and nothing else of the folder).
 RUN_FILES = ("config.json", "log.csv", "train.json", "metrics.json", "comparison.png", "done.json", POINTER,

@@ -209,7 +209,7 @@ def distill(cfg: DistillConfig, resume: bool = False, teacher_bundle=None, datas
 
 
 def train_loop(run: Run) -> tuple[int, float, dict]:
-    """Updates from run.start to cfg.max_steps; returns (steps, training minutes, the last logged losses).
+    """Updates from run.start to cfg.max_steps (or cfg.max_minutes); returns (steps, training minutes, the last logged losses).
 
     Each update: the student's loss on world x accum micro-batches, one optimiser step, the discriminator's loss on
     the same micro-batches, one step, the EMA. Logs, NaN checks, checkpoints and sample grids at their intervals."""
@@ -221,7 +221,8 @@ def train_loop(run: Run) -> tuple[int, float, dict]:
     bar = tqdm(total=cfg.max_steps, initial=run.start, desc=f"distill {method.name}/{cfg.variant}",
                dynamic_ncols=True, disable=not backend.is_main)
     t0, step, last = time.time() - run.seconds_before, run.start, {}
-    while step < cfg.max_steps:
+    done = _done(run, step, run.seconds_before)  # a resumed run may have used its time budget already
+    while not done:
         method.begin_step(step, models)
         use_adv = run.adv if step >= cfg.disc_warmup else None
         # Each micro-batch's rows and random draws are the global batch's (rng.Shard), so any split of the global
@@ -250,7 +251,8 @@ def train_loop(run: Run) -> tuple[int, float, dict]:
         ema_update(ema, backend.unwrap(run.student), cfg.ema_decay)
         step += 1
         bar.update(1)
-        is_ckpt = step % cfg.ckpt_every == 0 or step == cfg.max_steps
+        done = _done(run, step, time.time() - t0)
+        is_ckpt = step % cfg.ckpt_every == 0 or done
         if step % cfg.log_every == 0 or is_ckpt:
             # Checked before any checkpoint, so checkpoints only hold finite weights; all processes stop together.
             if backend.any(bad):
@@ -262,12 +264,24 @@ def train_loop(run: Run) -> tuple[int, float, dict]:
                 log.row(step, last, time.time() - t0)
         if is_ckpt:
             _checkpoint(run, step, time.time() - t0)
-        if backend.is_main and (step % cfg.sample_every == 0 or step == cfg.max_steps):
+        if backend.is_main and (step % cfg.sample_every == 0 or done):
             _sample_grid(run, run.dir / "samples" / f"step{step:06d}.png", scheduler, grid_prompts)
     bar.close()
     if log:
         log.close()
     return step, (time.time() - t0) / 60, last
+
+
+def _done(run: Run, step: int, seconds: float) -> bool:
+    """Whether training stops after `step` updates and `seconds` of training: max_steps reached, or max_minutes
+    (every process gets the main process's answer, so all stop at the same step)."""
+    cfg = run.cfg
+    if step >= cfg.max_steps:
+        return True
+    if not cfg.max_minutes:
+        return False
+    over = run.backend.is_main and seconds >= 60 * cfg.max_minutes
+    return run.backend.any(torch.tensor(over, device=run.backend.device))
 
 
 def export_run(run: Run, step: int, minutes: float, last: dict) -> None:

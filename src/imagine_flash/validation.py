@@ -91,6 +91,7 @@ def distill_rules(T: int = 1000, flow: bool = False) -> dict[str, Rule]:
         "lcm_loss": one_of("l2", "huber"), "progressive_stages": POSITIVE,
         # optimisation
         "batch_size": POSITIVE, "grad_accum": POSITIVE, "lr": RATE, "adam_betas": BETAS, "max_steps": POSITIVE,
+        "max_minutes": at_least(0),
         "ema_decay": DECAY, "grad_clip": at_least(0), "mixed_precision": one_of("no", "fp16", "bf16"),
         "optimizer": one_of("adam", "adam8bit"), "gradient_checkpointing": ANY, "compile": ANY, "seed": COUNT,
         "threads": COUNT,
