@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from imagine_flash.benchmark import CLOCK_STUDENTS, ROWS, STUDENTS, BenchmarkConfig, clock_rows, findings
+from imagine_flash.benchmark import ROWS, STUDENTS, BenchmarkConfig, clock_rows, findings
+from imagine_flash.config import ConfigError
 
 from conftest import needs_data, needs_inception
 
@@ -27,21 +28,25 @@ def test_protocol_has_every_row_and_student():
     assert len(ROWS) == 18 and len(STUDENTS) == 10
     assert {r.student for r in ROWS if r.student} == {key for key, *_ in STUDENTS}
     assert (ROWS[0].method, ROWS[0].steps) == ("teacher-dpmpp", 25)  # the reference of Table 4
-    methods = {key: method for key, method, *_ in STUDENTS}
-    assert set(CLOCK_STUDENTS) <= methods.keys() and "progressive" not in {methods[k] for k in CLOCK_STUDENTS}
     timed = clock_rows(BenchmarkConfig())  # the issue's marks, for flash and LCM at least
     assert {(r.method, r.minutes) for r in timed} >= {(m, t) for m in ("flash", "lcm") for t in (5, 10, 20, 40, 80)}
     assert len({r.key for r in ROWS + timed}) == len(ROWS) + len(timed)  # every row its own file
+    for bad in ("progressive-4", "flash-7"):  # a clock cannot fix progressive's stage schedule in advance
+        with pytest.raises(ConfigError, match=bad):
+            clock_rows(BenchmarkConfig(clock_students=(bad,)))
 
 
 def test_equal_time_findings_compare_at_each_mark():
-    rows = [_row("flash", 3, 104.0, 0.95), _row("lcm", 3, 110.0, 0.9)]
+    rows = [_row("teacher-dpmpp", 25, 95.0, 0.96), _row("flash", 3, 104.0, 0.95), _row("lcm", 3, 110.0, 0.9)]
     rows += [{**_row("flash", 3, f, 0.95), "minutes": m} for f, m in ((150.0, 5.0), (100.0, 10.0))]
     rows += [{**_row("lcm", 3, f, 0.9), "minutes": m} for f, m in ((120.0, 5.0), (110.0, 10.0))]
     got = {claim: ok for claim, ok, _ in findings(rows)}
     assert got["flash-3 beats lcm-3 in FID and alignment after 5 training minutes"] is False
     assert got["flash-3 beats lcm-3 in FID and alignment after 10 training minutes"] is True
     assert got["flash-3 beats lcm-3 in FID and alignment"] is True  # the equal-update rows, not the timed ones
+    assert got["flash-3 FID at most 1.10x teacher-dpmpp-25's after 10 training minutes"] is True  # 100 <= 104.5
+    assert got["flash-3 FID at most 1.10x teacher-dpmpp-25's after 5 training minutes"] is False
+    assert not any("teacher-dpmpp-3" in claim for claim in got)  # no such row given
 
 
 @needs_data
@@ -60,10 +65,9 @@ def test_benchmark_quick_end_to_end(tmp_path, monkeypatch):
     rows = [r for r in ROWS if r.key in ("teacher-dpmpp-full-25", "flash-full-1")]
     monkeypatch.setattr(benchmark, "ROWS", rows)
     monkeypatch.setattr(benchmark, "STUDENTS", [s for s in STUDENTS if s[0] == "flash-1"])
-    monkeypatch.setattr(benchmark, "CLOCK_STUDENTS", ["flash-1"])
     out = tmp_path / "bench"
     argv = ["benchmark", "--quick", "--out", str(out), "--threads", "1", "--fid-reference", "16",
-            "--minutes", "0.01,0.03"]
+            "--minutes", "0.01,0.03", "--clock-students", "flash-1"]
     assert main(argv) == 0
     res = json.loads((out / "results.json").read_text())
     assert [(r["method"], r["steps"], r["minutes"]) for r in res["rows"]] == [
@@ -86,4 +90,9 @@ def test_benchmark_quick_end_to_end(tmp_path, monkeypatch):
     stamp = {p: p.stat().st_mtime_ns for p in [*(out / "rows").glob("*.json"), *(out / "students").rglob("*.json")]}
     assert len(list((out / "rows").glob("*.json"))) == len(rows) + 2
     assert main(argv) == 0
+    assert {p: p.stat().st_mtime_ns for p in stamp} == stamp
+    # --part minutes: the teacher's rows and the equal-time ones (all found on disk), no equal-update student.
+    assert main(argv + ["--part", "minutes"]) == 0
+    part = json.loads((out / "results.json").read_text())["rows"]
+    assert [(r["method"], r["minutes"]) for r in part] == [("teacher-dpmpp", None), ("flash", 0.01), ("flash", 0.03)]
     assert {p: p.stat().st_mtime_ns for p in stamp} == stamp

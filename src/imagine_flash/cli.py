@@ -246,12 +246,12 @@ def cmd_evaluate(args) -> None:
 
 
 def cmd_benchmark(args) -> None:
-    from .benchmark import BenchmarkConfig, quick_config, run_benchmark
+    from .benchmark import BenchmarkConfig, clock_rows, quick_config, run_benchmark
     from .config import ConfigError
 
     _check_sampling_args(args, ("num_samples", "fid_reference", "train_steps", "batch", "threads"))
     cfg = quick_config(args.out) if args.quick else BenchmarkConfig(out=args.out)
-    for name in ("num_samples", "fid_reference", "train_steps", "batch", "threads", "teacher"):
+    for name in ("num_samples", "fid_reference", "train_steps", "batch", "threads", "teacher", "part"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
     if cfg.num_samples < 64:
@@ -263,6 +263,9 @@ def cmd_benchmark(args) -> None:
             raise ConfigError(f"--minutes {args.minutes!r}: expected comma-separated numbers, e.g. 5,10,20") from None
         if any(m <= 0 for m in cfg.minutes):
             raise ConfigError(f"--minutes {args.minutes!r}: every mark must be > 0 (an empty string: no marks)")
+    if args.clock_students is not None:
+        cfg.clock_students = tuple(k.strip() for k in args.clock_students.split(",") if k.strip())
+    clock_rows(cfg)  # names checked before any work
     results = run_benchmark(cfg)
     print(f"benchmark: wrote {args.out}/results.json, results.md, grid.png and plots ({len(results['rows'])} rows)")
 
@@ -324,6 +327,10 @@ def build_parser() -> argparse.ArgumentParser:
     bm.add_argument("--batch", type=int, help="generation batch size (default 250)")
     bm.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     bm.add_argument("--teacher", help="teacher folder (default: the shipped teacher)")
+    bm.add_argument("--clock-students", help="students trained against the clock, comma-separated (default "
+                    "flash-3,lcm,add-4)")
+    bm.add_argument("--part", choices=("all", "updates", "minutes"), help="all (default); updates: the tables at "
+                    "equal updates only; minutes: the equal-time rows (and the teacher's) only")
     bm.add_argument("--minutes", help="training-minute marks of the equal-time rows, comma-separated (default "
                     "5,10,20,40,80; '' for none)")
     bm.set_defaults(fn=cmd_benchmark)
