@@ -330,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     bm.add_argument("--clock-students", help="students trained against the clock, comma-separated (default "
                     "flash-3,lcm,add-4)")
     bm.add_argument("--part", choices=("all", "updates", "minutes"), help="all (default); updates: the tables at "
-                    "equal updates only; minutes: the equal-time rows (and the teacher's) only")
+                    "equal updates only; minutes: the equal-time rows and the teacher's at 25 and 3 steps")
     bm.add_argument("--minutes", help="training-minute marks of the equal-time rows, comma-separated (default "
                     "5,10,20,40,80; '' for none)")
     bm.set_defaults(fn=cmd_benchmark)
