@@ -338,8 +338,9 @@ def test_a_variant_never_overrides_an_explicit_setting(capsys):
 @needs_data
 @pytest.mark.slow
 def test_one_flash_step_golden_numbers(tmp_path, tiny_teacher, small_data):
-    """One update of the default method (flash, adversarial term on) from the seeded micro teacher: its losses and the
-    student's weight change equal numbers recorded once (diffusers' scheduler test_full_loop style).
+    """One update of flash with the paper's timesteps and gamma table (configs/paper.yaml; adversarial term on) from the
+    seeded micro teacher: its losses and the student's weight change equal numbers recorded once (diffusers'
+    scheduler test_full_loop style).
 
     Recorded on 2026-12-01 at commit 3e62333 (torch CPU, 1 and 2 threads agree to 1e-7) by running this very config
     and printing log.csv and the sums of (student after - teacher) over all tensors. A change here means the
@@ -349,7 +350,9 @@ def test_one_flash_step_golden_numbers(tmp_path, tiny_teacher, small_data):
 
     from imagine_flash.train import distill
 
-    distill(_cfg(tmp_path / "r", tiny_teacher, max_steps=1, ckpt_every=1, teacher_dtype="fp32"), dataset=small_data)
+    paper = {"student_timesteps": (999, 750, 500), "gamma_table": ((900, 990), (500, 950), (-1, 200))}
+    distill(_cfg(tmp_path / "r", tiny_teacher, max_steps=1, ckpt_every=1, teacher_dtype="fp32", **paper),
+            dataset=small_data)
     row = next(csv.DictReader(open(tmp_path / "r" / "log.csv")))
     got = {k: float(row[k]) for k in ("loss", "recon", "adv_g", "disc")}
     want = {"loss": 51.858822, "recon": 51.883713, "adv_g": -0.248922, "disc": 2.023017}

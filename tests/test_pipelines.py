@@ -154,11 +154,11 @@ def test_sd_pipeline_distil_export_reload(tmp_path, sd_teacher):
     assert (out / "samples" / "step000002.png").is_file()
     pipe = _load(out / "student")
     assert isinstance(pipe, StableDiffusionPipeline) and isinstance(pipe.scheduler, FlashScheduler)
-    assert pipe.scheduler.config.timesteps == [999, 750, 500] and pipe.scheduler.config.noise_correction
+    assert pipe.scheduler.config.timesteps == [999, 666, 333] and pipe.scheduler.config.noise_correction
     # The pipeline's defaults (50 steps, guidance 7.5) sample the student as trained: 3 steps, no CFG on top.
     x_T = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     default = _pipe_images(pipe, "a red shoe", x_T)
-    assert default.shape == (1, 3, 16, 16) and pipe.scheduler.timesteps.tolist() == [999, 750, 500]
+    assert default.shape == (1, 3, 16, 16) and pipe.scheduler.timesteps.tolist() == [999, 666, 333]
     assert torch.equal(default, _pipe_images(pipe, "a red shoe", x_T, guidance_scale=1.0, num_inference_steps=3))
     assert pipe.unet.config.time_cond_proj_dim is not None and not pipe.unet.time_embedding.cond_proj.weight.any()
     _check_parity_with_runner(out / "student", pipe)
@@ -326,7 +326,7 @@ def test_hub_id_teacher_from_the_hub_cache(tmp_path, sd_teacher):
                        timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     pipe = _load(tmp_path / "run" / "student")
-    assert isinstance(pipe.scheduler, FlashScheduler) and pipe.scheduler.config.timesteps == [999, 750, 500]
+    assert isinstance(pipe.scheduler, FlashScheduler) and pipe.scheduler.config.timesteps == [999, 666, 333]
     # An id that is in neither the cache nor reachable: one line naming it.
     other = [str(tmp_path / "run2") if a == str(tmp_path / "run") else a for a in args[3:]]  # not a run folder
     r = subprocess.run([sys.executable, "-m", "imagine_flash", *args[:2], "tiny-org/missing", *other], env=env,
