@@ -218,7 +218,8 @@ def train_loop(run: Run) -> tuple[int, float, dict]:
     grid_prompts = _grid_prompts(run.dataset)
     log = _Log(run.dir / "log.csv", run.start) if backend.is_main else None
     bad = torch.zeros((), dtype=torch.bool, device=backend.device)
-    bar = tqdm(total=cfg.max_steps, initial=run.start, desc=f"distill {method.name}/{cfg.variant}",
+    bar = tqdm(total=None if cfg.max_minutes else cfg.max_steps, initial=run.start,  # a time budget: no step total
+               desc=f"distill {method.name}/{cfg.variant}" + (f" ({cfg.max_minutes:g} min)" if cfg.max_minutes else ""),
                dynamic_ncols=True, disable=not backend.is_main)
     t0, step, last = time.time() - run.seconds_before, run.start, {}
     done = _done(run, step, run.seconds_before)  # a resumed run may have used its time budget already
