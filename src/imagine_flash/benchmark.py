@@ -331,9 +331,9 @@ def results_markdown(results: dict, rows: list[dict]) -> str:
     rows = [r for r in rows if not r.get("minutes")]
     main = [r for r in rows if r["variant"] == "full"]
     abl = [r for r in rows if r["method"] == "flash" and r["steps"] == 3]
-    timed = ["\n## At equal training minutes\n\nEach student trained against the clock on this machine and measured "
-             "at each mark (`fid_vs_minutes.png`).\n\n| method | steps | train min | updates | FID ↓ | in-domain FID ↓ "
-             "| colour acc | class acc |\n|---|---|---|---|---|---|---|---|\n",
+    timed = ["\n## At equal training minutes\n\nEach student trained against the clock on this machine and "
+             "measured at each mark (`fid_vs_minutes.png`).\n\n| method | steps | train min | updates | FID ↓ | "
+             "in-domain FID ↓ | colour acc | class acc |\n|---|---|---|---|---|---|---|---|\n",
              *[f"| {_name(r)} | {r['steps']} | {r['train_minutes']:.1f} | {r['train_steps']} | {r['fid']:.1f} | "
                f"{r['fid_indomain']:.1f} | {100 * r['color_acc']:.1f}% | {100 * r['class_acc']:.1f}% |\n"
                for r in sorted(clock, key=lambda r: (r["method"], r["minutes"]))]] if clock else []

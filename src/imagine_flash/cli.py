@@ -9,7 +9,8 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE.yaml", help="YAML file of config fields")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint, "
-                   "with its own config.json (only max_steps, max_minutes, threads, cadences and evaluation options may change)")
+                   "with its own config.json (only max_steps, max_minutes, threads, cadences and evaluation options "
+                   "may change)")
     p.add_argument("--overwrite", action="store_true", help="start afresh in an --out that holds a run, deleting "
                    "its checkpoints, config, logs and exported model")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
