@@ -13,20 +13,10 @@ for seed in 0 1; do
   for dtype in fp32 bf16; do
     run="$OUT/$dtype-seed$seed"
     [ -f "$run/metrics.json" ] && continue
-    resume=(); [ -f "$run/ckpt.json" ] && resume=(--resume)
+    resume=()  # a checkpoint: go on from it; a run folder without one: nothing to keep
+    if [ -f "$run/ckpt.json" ]; then resume=(--resume); elif [ -d "$run" ]; then resume=(--overwrite); fi
     "$PY" -m imagine_flash distill --out "$run" --set seed=$seed --set teacher_dtype=$dtype --set threads=$THREADS \
       "${resume[@]}" > "$OUT/$dtype-seed$seed.log" 2>&1
   done
 done
-"$PY" - "$OUT" <<'PY'
-import json, sys
-from pathlib import Path
-out = Path(sys.argv[1]); rows = {}
-for run in sorted(p for p in out.iterdir() if p.is_dir()):
-    m, t = json.loads((run / "metrics.json").read_text()), json.loads((run / "train.json").read_text())
-    rows[run.name] = {"train_minutes": t["train_minutes"], "teacher_dtype": t["teacher_dtype"],
-                      **{k: m["student"][k] for k in ("fid", "kid", "fid_indomain", "color_acc", "class_acc")},
-                      "teacher_fid": m["teacher"]["fid"]}
-(out / "summary.json").write_text(json.dumps(rows, indent=2))
-print(json.dumps(rows, indent=2))
-PY
+"$PY" scripts/ab_summary.py "$OUT"

@@ -67,13 +67,15 @@ def test_benchmark_quick_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setattr(benchmark, "STUDENTS", [s for s in STUDENTS if s[0] == "flash-1"])
     out = tmp_path / "bench"
     argv = ["benchmark", "--quick", "--out", str(out), "--threads", "1", "--fid-reference", "16",
-            "--minutes", "0.01,0.03", "--clock-students", "flash-1"]
+            "--minutes", "0.01,0.15", "--clock-students", "flash-1"]
     assert main(argv) == 0
     res = json.loads((out / "results.json").read_text())
     assert [(r["method"], r["steps"], r["minutes"]) for r in res["rows"]] == [
-        ("teacher-dpmpp", 25, None), ("flash", 1, None), ("flash", 1, 0.01), ("flash", 1, 0.03)]
-    timed = res["rows"][2:]  # one run against the clock, measured at each mark: more minutes, more updates
-    assert 0.01 <= timed[0]["train_minutes"] < timed[1]["train_minutes"] and timed[1]["train_minutes"] >= 0.03
+        ("teacher-dpmpp", 25, None), ("flash", 1, None), ("flash", 1, 0.01), ("flash", 1, 0.15)]
+    # One run against the clock, measured at each mark: more minutes, more updates. The second mark is 9 s after
+    # the first (0.6 s), so that one slow update under load cannot cross both marks at once.
+    timed = res["rows"][2:]
+    assert 0.01 <= timed[0]["train_minutes"] < timed[1]["train_minutes"] and timed[1]["train_minutes"] >= 0.15
     assert 1 <= timed[0]["train_steps"] < timed[1]["train_steps"]
     assert "At equal training minutes" in (out / "results.md").read_text()
     keys = {"method", "steps", "variant", "nfe", "fid", "kid", "fid_indomain", "color_acc", "class_acc",
@@ -94,5 +96,5 @@ def test_benchmark_quick_end_to_end(tmp_path, monkeypatch):
     # --part minutes: the teacher's rows and the equal-time ones (all found on disk), no equal-update student.
     assert main(argv + ["--part", "minutes"]) == 0
     part = json.loads((out / "results.json").read_text())["rows"]
-    assert [(r["method"], r["minutes"]) for r in part] == [("teacher-dpmpp", None), ("flash", 0.01), ("flash", 0.03)]
+    assert [(r["method"], r["minutes"]) for r in part] == [("teacher-dpmpp", None), ("flash", 0.01), ("flash", 0.15)]
     assert {p: p.stat().st_mtime_ns for p in stamp} == stamp

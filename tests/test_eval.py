@@ -163,3 +163,33 @@ def test_shipped_classifier_reproduces_its_metrics():
     assert abs(acc["color_acc"] - metrics["color_acc"]) < 1e-3
     assert abs(acc["class_acc"] - metrics["class_acc"]) < 1e-3
     assert (ASSET_DIR / "classifier.safetensors").stat().st_size < 2 * 2 ** 20
+
+
+@needs_data
+@needs_inception
+@pytest.mark.slow
+def test_evaluate_model_brightness_and_contrast_against_hand_values(tmp_path, monkeypatch):
+    """mean_shift and std_ratio of a fake model that returns the real reference images, then a darkened copy."""
+    from imagine_flash.eval.metrics import evaluate_model, real_reference
+
+    monkeypatch.setenv("IMAGINE_FLASH_CACHE", str(tmp_path))
+    real, _, _ = real_reference(16, 16)
+
+    class Fake:
+        resolution, is_student, sampler, meta = 16, True, "fake", {}
+
+        def __init__(self, scale, shift):
+            self.scale, self.shift = scale, shift
+
+        def default_steps(self):
+            return 1
+
+        def sample(self, prompts, seeds, **kw):
+            return real[:len(seeds)] * self.scale + self.shift, 0.01
+
+    same, _ = evaluate_model(Fake(1.0, 0.0), 16, fid_reference=16, batch=16)
+    assert abs(same["mean_shift"]) < 1e-6 and abs(same["std_ratio"] - 1) < 1e-6 and abs(same["fid"]) < 1e-2
+    # x -> 0.5 x - 0.25 stays inside [-1, 1]: the mean moves by -0.5 mean - 0.25, the std halves.
+    dark, _ = evaluate_model(Fake(0.5, -0.25), 16, fid_reference=16, batch=16)
+    assert dark["mean_shift"] == pytest.approx(float(-0.5 * real.mean() - 0.25), abs=1e-5)
+    assert dark["std_ratio"] == pytest.approx(0.5, abs=1e-5)

@@ -207,7 +207,7 @@ class DistillConfig:
     disc_features: str = "facebook/dinov2-small"  # projected: a transformers vision backbone (hub id or folder)
     max_steps: int = 600  # student updates
     max_minutes: float = 0.0  # also stop once this many training minutes have passed, counted across resumes (0: no
-    # time limit); for comparisons at equal training time (the benchmark's --minutes, scripts/fid_vs_minutes.py)
+    # time limit); for comparisons at equal training time (the benchmark's --minutes)
     ema_decay: float = 0.99  # EMA of the student; the exported student is the EMA
     grad_clip: float = 1.0  # max gradient norm
     compile: bool = False  # torch.compile the frozen teacher's and the student's forward (full students only). On a

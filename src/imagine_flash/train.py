@@ -209,7 +209,8 @@ def distill(cfg: DistillConfig, resume: bool = False, teacher_bundle=None, datas
 
 
 def train_loop(run: Run) -> tuple[int, float, dict]:
-    """Updates from run.start to cfg.max_steps (or cfg.max_minutes); returns (steps, training minutes, the last logged losses).
+    """Updates from run.start to cfg.max_steps (or cfg.max_minutes); returns (steps, training minutes, the last
+    logged losses).
 
     Each update: the student's loss on world x accum micro-batches, one optimiser step, the discriminator's loss on
     the same micro-batches, one step, the EMA. Logs, NaN checks, checkpoints and sample grids at their intervals."""
@@ -222,6 +223,7 @@ def train_loop(run: Run) -> tuple[int, float, dict]:
                desc=f"distill {method.name}/{cfg.variant}" + (f" ({cfg.max_minutes:g} min)" if cfg.max_minutes else ""),
                dynamic_ncols=True, disable=not backend.is_main)
     t0, step, last = time.time() - run.seconds_before, run.start, {}
+    seconds = run.seconds_before  # training time at the last checkpoint: what a resume starts from
     done = _done(run, step, run.seconds_before)  # a resumed run may have used its time budget already
     while not done:
         method.begin_step(step, models)
@@ -264,13 +266,14 @@ def train_loop(run: Run) -> tuple[int, float, dict]:
             if log:
                 log.row(step, last, time.time() - t0)
         if is_ckpt:
-            _checkpoint(run, step, time.time() - t0)
+            seconds = time.time() - t0
+            _checkpoint(run, step, seconds)
         if backend.is_main and (step % cfg.sample_every == 0 or done):
             _sample_grid(run, run.dir / "samples" / f"step{step:06d}.png", scheduler, grid_prompts)
     bar.close()
     if log:
         log.close()
-    return step, (time.time() - t0) / 60, last
+    return step, seconds / 60, last  # the last step always checkpoints: the minutes a resume goes on from
 
 
 def _done(run: Run, step: int, seconds: float) -> bool:

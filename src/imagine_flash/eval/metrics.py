@@ -60,6 +60,9 @@ def evaluate_model(runner, num_samples: int, steps: int | None = None, fid_refer
             "fid": float(fid_from_features(feats, ref)), "kid": _kid_value(kid_from_features(feats, ref)),
             "fid_indomain": float(fid_from_features(f_gen, f_real)),
             "color_acc": float(align["color_acc"]), "class_acc": float(align["class_acc"]),
+            # brightness and contrast against the real images (pixels in [-1, 1]): a darkened student shows here
+            "mean_shift": float(images.clamp(-1, 1).mean() - real.mean()),
+            "std_ratio": float(images.clamp(-1, 1).std() / real.std()),
             "ms_per_image": 1000.0 * seconds / num_samples, "sampler": solver or runner.sampler}, images
 
 

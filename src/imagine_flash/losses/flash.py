@@ -11,12 +11,12 @@ from ..denoisers import Cond, predict
 from ..rng import randint, randn
 from ..sampling import ddim_sample, rollout
 from ..schedule import Schedule, q_sample, snr
+from .method import Method
 
 # The default student timesteps of a VP teacher. 3 steps: trailing ones, not the paper's 999/750/500 (§5.1), which
 # measured worse on the embedded teacher (FID 77.3 against 62.3 with gamma(t <= 500) = 750; docs/distill_default.md);
 # 1-2 steps: the paper's. configs/paper.yaml sets the paper's.
 FLASH_TIMESTEPS = {3: (999, 666, 333), 2: (999, 666), 1: (999,)}
-from .method import Method
 
 
 @dataclass
