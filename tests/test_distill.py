@@ -1,4 +1,5 @@
 """Tiny end-to-end runs of the training loop and the CLI: resume equality, bad input, NaN stop, metrics."""
+import dataclasses
 import json
 
 import pytest
@@ -131,6 +132,18 @@ def test_cli_distill_end_to_end(tmp_path, tiny_teacher, monkeypatch):
     assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
     sched = json.loads((out / "student" / "scheduler" / "scheduler_config.json").read_text())
     assert sched["_class_name"] == "FlashScheduler" and sched["timesteps"] == [999, 666]
+    # The teacher row is cached: a second evaluation of the same protocol reads it (timing it anew, on one batch),
+    # with the same numbers and grid; another protocol (the teacher at 5 steps) measures it again.
+    from imagine_flash.eval.metrics import evaluate_run
+    from imagine_flash.runs import saved_config
+    assert "cached" not in m["teacher"]
+    again = evaluate_run(saved_config(DistillConfig, out), out / "student")
+    assert again["teacher"]["cached"] and again["teacher"]["ms_per_image"] > 0
+    assert {k: v for k, v in again["teacher"].items() if k not in ("cached", "ms_per_image")} == \
+        {k: v for k, v in m["teacher"].items() if k != "ms_per_image"}
+    assert again["student"]["fid"] == m["student"]["fid"]
+    other = evaluate_run(dataclasses.replace(saved_config(DistillConfig, out), eval_teacher_steps=5), out / "student")
+    assert "cached" not in other["teacher"] and other["teacher"]["steps"] == 5
 
 
 @needs_data

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -80,8 +81,7 @@ def evaluate_run(cfg, student_path: str | Path) -> dict:
     inception, classifier = InceptionFeatures(), load_classifier()
     kw = dict(fid_reference=cfg.fid_reference, batch=cfg.eval_batch, inception=inception, classifier=classifier)
     s_row, s_img = evaluate_model(student, cfg.eval_samples, **kw)
-    t_row, t_img = evaluate_model(teacher, cfg.eval_samples, steps=cfg.eval_teacher_steps,
-                                  guidance_scale=cfg.guidance_scale, **kw)
+    t_row, t_img = teacher_row(teacher, cfg, kw)
     out = {"num_samples": cfg.eval_samples, "fid_reference_images": cfg.fid_reference,
            "threads": torch.get_num_threads(), "student": s_row, "teacher": t_row,
            "student_vs_teacher": {"fid_ratio": s_row["fid"] / t_row["fid"],
@@ -91,7 +91,62 @@ def evaluate_run(cfg, student_path: str | Path) -> dict:
     with atomic_path(run / "metrics.json") as tmp:
         tmp.write_text(json.dumps(out, indent=2))
     # Comparison grid: the same 16 prompts and seeds, teacher above, student below.
-    idx = list(range(0, min(len(s_img), 80), 5))[:16]
-    save_png(labelled_rows([(f"teacher DPM++ {t_row['steps']}", t_img[idx]),
+    idx = [i for i in GRID if i < len(s_img)]
+    save_png(labelled_rows([(f"teacher DPM++ {t_row['steps']}", t_img),
                             (f"student {s_row['steps']} steps", s_img[idx])], scale=4), run / "comparison.png")
     return out
+
+
+GRID = list(range(0, 80, 5))  # the samples comparison.png shows (prompt i, seed i)
+
+
+def teacher_row(teacher, cfg, kw: dict) -> tuple[dict, torch.Tensor]:
+    """metrics.json's teacher row and its comparison.png samples (GRID), cached: every run of the same teacher with
+    the same protocol, code, libraries and threads measures the same numbers. Its ms_per_image is always measured
+    anew, on one batch in this run, so that the speed-up stays a ratio of two timings taken side by side."""
+    from safetensors.torch import load_file, save_file
+
+    from .fid import cache_root
+
+    steps, gs, n = cfg.eval_teacher_steps, cfg.guidance_scale, cfg.eval_samples
+    key = _teacher_row_key(teacher, cfg)
+    folder = cache_root().parent / "teacher_rows"
+    row_file, img_file = folder / f"{key}.json", folder / f"{key}.safetensors"
+    if key and row_file.is_file() and img_file.is_file():
+        row, images = json.loads(row_file.read_text()), load_file(str(img_file))["images"]
+        from ..data.fashion import eval_prompts
+        m = min(n, cfg.eval_batch)
+        prompts = eval_prompts(m)[0]
+        teacher.sample(prompts[:2], [0, 1], steps=steps, guidance_scale=gs)  # untimed warm-up, as evaluate_model
+        _, seconds = teacher.sample(prompts, list(range(m)), steps=steps, guidance_scale=gs, batch=cfg.eval_batch)
+        return {**row, "ms_per_image": 1000.0 * seconds / m, "cached": str(row_file)}, images
+    row, images = evaluate_model(teacher, n, steps=steps, guidance_scale=gs, **kw)
+    if key:
+        folder.mkdir(parents=True, exist_ok=True)
+        with atomic_path(img_file, f".{os.getpid()}.tmp") as tmp:  # two runs may fill the same entry at once
+            save_file({"images": images[[i for i in GRID if i < len(images)]].contiguous()}, str(tmp))
+        with atomic_path(row_file, f".{os.getpid()}.tmp") as tmp:
+            tmp.write_text(json.dumps(row, indent=2))
+    return row, images[[i for i in GRID if i < len(images)]]
+
+
+def _teacher_row_key(teacher, cfg) -> str | None:
+    """sha256 of everything the teacher row depends on: the teacher folder's files, this package's code, the library
+    versions, the protocol and the thread count; None where the teacher is not a local folder (nothing is cached)."""
+    import hashlib
+
+    import diffusers
+
+    source = Path(str(teacher.source))
+    if not source.is_dir():
+        return None
+    h = hashlib.sha256()
+    package = Path(__file__).resolve().parents[1]
+    for root in (source, package):
+        for f in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".json", ".py")):
+            h.update(str(f.relative_to(root)).encode())
+            h.update(f.read_bytes())
+    gs = float(teacher.meta.get("guidance_scale", 3.0)) if cfg.guidance_scale is None else float(cfg.guidance_scale)
+    h.update(json.dumps([torch.__version__, diffusers.__version__, torch.get_num_threads(), cfg.eval_samples,
+                         cfg.eval_teacher_steps, gs, cfg.fid_reference, cfg.eval_batch]).encode())
+    return h.hexdigest()[:32]
