@@ -73,7 +73,7 @@ def patch(clock: Clock, on_update) -> None:
             return "teacher", 2 * x_t.shape[0]
         return ("student forward" if torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
                 else "rollout"), x_t.shape[0]
-    Denoiser.__call__ = clock.wrap(Denoiser.__call__, denoiser_label)
+    Denoiser.predict = clock.wrap(Denoiser.predict, denoiser_label)  # __call__ and every sampler go through it
     HingeAdversarial.generator = clock.wrap(HingeAdversarial.generator, lambda *a, **k: ("discriminator", 0))
     HingeAdversarial.discriminator = clock.wrap(HingeAdversarial.discriminator, lambda *a, **k: ("discriminator", 0))
     torch.autograd.backward = clock.wrap(torch.autograd.backward, lambda *a, **k: ("backward", 0))
