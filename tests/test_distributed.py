@@ -83,7 +83,14 @@ def test_two_processes_equal_one(tmp_path, tiny_teacher):
     assert any(not torch.equal(one[k], init[k].float()) for k in one)  # training moved the weights
     for k in one:
         assert torch.equal(r0[k], r1[k]), k  # DDP replicas are bitwise identical
-        torch.testing.assert_close(r0[k], one[k], rtol=1e-4, atol=2e-5)  # 2 processes = 1 process, same global batch
+        # 2 processes = 1 process with the same global batch, up to the rounding of a gradient summed in another
+        # order. Adam divides by sqrt(v): where a gradient is near zero that rounding can move a weight by up to lr
+        # per update (one element of 9,216 by 3.4e-5 on an AVX2 CPU), so: every weight within 2 updates x lr = 2e-4,
+        # and all but 0.1% of them within float32 rounding.
+        diff = (r0[k] - one[k]).abs()
+        assert diff.max() <= 2e-4 + 1e-6, (k, diff.max())
+        far = diff > 2e-5 + 1e-4 * one[k].abs()
+        assert far.sum() <= max(1, far.numel() // 1000), (k, int(far.sum()), diff.max())
     # Only the main process writes the run folder; its checkpoint holds the same weights.
     ck = load_file(latest(tmp_path / "two") / "student.safetensors")
     for k in one:
