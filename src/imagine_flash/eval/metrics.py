@@ -31,6 +31,13 @@ def _kid_value(k):
     return float(k[0] if isinstance(k, (tuple, list)) else k)
 
 
+def timed_samples(runner, prompts: list[str], batch: int, progress: bool = False, **kw) -> tuple[torch.Tensor, float]:
+    """Sample i for prompt i and seed i, and the seconds it took, after an untimed warm-up (first-call costs must not
+    count as ms/image)."""
+    runner.sample(prompts[:2], [0, 1], **kw)
+    return runner.sample(prompts, list(range(len(prompts))), batch=batch, progress=progress, **kw)
+
+
 def evaluate_model(runner, num_samples: int, steps: int | None = None, fid_reference: int = 2000,
                    batch: int = 250, solver: str | None = None, noise_correction: bool | None = None,
                    guidance_scale: float | None = None, inception=None, classifier=None) -> tuple[dict, torch.Tensor]:
@@ -41,10 +48,8 @@ def evaluate_model(runner, num_samples: int, steps: int | None = None, fid_refer
 
     prompts, colors, classes = eval_prompts(num_samples)
     steps = steps or runner.default_steps()
-    kw = dict(steps=steps, guidance_scale=guidance_scale, solver=solver, noise_correction=noise_correction)
-    runner.sample(prompts[:2], [0, 1], **kw)  # untimed warm-up: first-call costs must not count as ms/image
-    images, seconds = runner.sample(prompts, list(range(num_samples)), steps=steps, guidance_scale=guidance_scale,
-                                    solver=solver, noise_correction=noise_correction, batch=batch, progress=True)
+    images, seconds = timed_samples(runner, prompts, batch, progress=True, steps=steps, guidance_scale=guidance_scale,
+                                    solver=solver, noise_correction=noise_correction)
     inception = inception or InceptionFeatures()
     classifier = classifier or load_classifier()
     res = runner.resolution
@@ -91,17 +96,19 @@ def evaluate_run(cfg, student_path: str | Path) -> dict:
     with atomic_path(run / "metrics.json") as tmp:
         tmp.write_text(json.dumps(out, indent=2))
     # Comparison grid: the same 16 prompts and seeds, teacher above, student below.
-    idx = [i for i in GRID if i < len(s_img)]
     save_png(labelled_rows([(f"teacher DPM++ {t_row['steps']}", t_img),
-                            (f"student {s_row['steps']} steps", s_img[idx])], scale=4), run / "comparison.png")
+                            (f"student {s_row['steps']} steps", s_img[grid(len(s_img))])], scale=4),
+             run / "comparison.png")
     return out
 
 
-GRID = list(range(0, 80, 5))  # the samples comparison.png shows (prompt i, seed i)
+def grid(n: int) -> list[int]:
+    """The samples comparison.png shows, of n: every fifth of the first 80 (prompt i, seed i)."""
+    return list(range(0, min(n, 80), 5))
 
 
 def teacher_row(teacher, cfg, kw: dict) -> tuple[dict, torch.Tensor]:
-    """metrics.json's teacher row and its comparison.png samples (GRID), cached: every run of the same teacher with
+    """metrics.json's teacher row and its comparison.png samples (grid), cached: every run of the same teacher with
     the same protocol, code, libraries and threads measures the same numbers. Its ms_per_image is always measured
     anew, on one batch in this run, so that the speed-up stays a ratio of two timings taken side by side."""
     from safetensors.torch import load_file, save_file
@@ -113,21 +120,20 @@ def teacher_row(teacher, cfg, kw: dict) -> tuple[dict, torch.Tensor]:
     folder = cache_root().parent / "teacher_rows"
     row_file, img_file = folder / f"{key}.json", folder / f"{key}.safetensors"
     if key and row_file.is_file() and img_file.is_file():
-        row, images = json.loads(row_file.read_text()), load_file(str(img_file))["images"]
         from ..data.fashion import eval_prompts
+        row, images = json.loads(row_file.read_text()), load_file(str(img_file))["images"]
         m = min(n, cfg.eval_batch)
-        prompts = eval_prompts(m)[0]
-        teacher.sample(prompts[:2], [0, 1], steps=steps, guidance_scale=gs)  # untimed warm-up, as evaluate_model
-        _, seconds = teacher.sample(prompts, list(range(m)), steps=steps, guidance_scale=gs, batch=cfg.eval_batch)
+        _, seconds = timed_samples(teacher, eval_prompts(m)[0], cfg.eval_batch, steps=steps, guidance_scale=gs)
         return {**row, "ms_per_image": 1000.0 * seconds / m, "cached": str(row_file)}, images
     row, images = evaluate_model(teacher, n, steps=steps, guidance_scale=gs, **kw)
+    images = images[grid(len(images))].contiguous()
     if key:
         folder.mkdir(parents=True, exist_ok=True)
         with atomic_path(img_file, f".{os.getpid()}.tmp") as tmp:  # two runs may fill the same entry at once
-            save_file({"images": images[[i for i in GRID if i < len(images)]].contiguous()}, str(tmp))
+            save_file({"images": images}, str(tmp))
         with atomic_path(row_file, f".{os.getpid()}.tmp") as tmp:
             tmp.write_text(json.dumps(row, indent=2))
-    return row, images[[i for i in GRID if i < len(images)]]
+    return row, images
 
 
 def _teacher_row_key(teacher, cfg) -> str | None:
