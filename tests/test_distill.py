@@ -115,8 +115,8 @@ def test_cli_distill_end_to_end(tmp_path, tiny_teacher, monkeypatch):
     assert rc == 0
     m = json.loads((out / "metrics.json").read_text())
     for row in ("student", "teacher"):
-        for key in ("fid", "kid", "fid_indomain", "color_acc", "class_acc", "mean_shift", "std_ratio", "ms_per_image",
-                    "nfe"):
+        for key in ("fid", "kid", "fid_indomain", "color_acc", "class_acc", "mean_shift", "std_ratio", "hf_ratio",
+                    "precision", "recall", "ms_per_image", "nfe"):
             assert isinstance(m[row][key], (int, float)), (row, key)
     assert m["student"]["steps"] == 2 and m["student"]["nfe"] == 2
     assert m["teacher"]["steps"] == 25 and m["teacher"]["nfe"] == 50

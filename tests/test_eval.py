@@ -88,6 +88,17 @@ def test_kid_subset_capped_at_smallest_set():
 
 # Reference features cache.
 
+def test_precision_recall_against_hand_values():
+    """k = 1 on four unit-square corners (each real ball: radius 1) and two close pairs of generated points."""
+    real = np.array([[0, 0], [1, 0], [0, 1], [1, 1]], float)
+    gen = np.array([[0, 0], [0.2, 0], [5, 5], [5, 6]], float)  # balls: radius 0.2, 0.2, 1, 1
+    precision, recall = fidlib.precision_recall(real, gen, k=1)
+    assert precision == 0.5  # (0, 0) and (0.2, 0) lie in the real balls; the far pair does not
+    assert recall == 0.25  # only the real (0, 0) lies in a generated ball
+    assert fidlib.precision_recall(real, real, k=3) == (1.0, 1.0)
+    assert fidlib.precision_recall(real, real + 10) == (0.0, 0.0)
+
+
 def test_reference_features_cached(tmp_path, monkeypatch):
     calls = []
 
@@ -169,7 +180,8 @@ def test_shipped_classifier_reproduces_its_metrics():
 @needs_inception
 @pytest.mark.slow
 def test_evaluate_model_brightness_and_contrast_against_hand_values(tmp_path, monkeypatch):
-    """mean_shift and std_ratio of a fake model that returns the real reference images, then a darkened copy."""
+    """mean_shift, std_ratio, hf_ratio (and precision/recall) of a fake model that returns the real reference images,
+    then a darkened copy."""
     from imagine_flash.eval.metrics import evaluate_model, real_reference
 
     monkeypatch.setenv("IMAGINE_FLASH_CACHE", str(tmp_path))
@@ -189,7 +201,10 @@ def test_evaluate_model_brightness_and_contrast_against_hand_values(tmp_path, mo
 
     same, _ = evaluate_model(Fake(1.0, 0.0), 16, fid_reference=16, batch=16)
     assert abs(same["mean_shift"]) < 1e-6 and abs(same["std_ratio"] - 1) < 1e-6 and abs(same["fid"]) < 1e-2
+    assert same["precision"] == same["recall"] == 1.0  # the same images: each lies in the other set's manifold
     # x -> 0.5 x - 0.25 stays inside [-1, 1]: the mean moves by -0.5 mean - 0.25, the std halves.
     dark, _ = evaluate_model(Fake(0.5, -0.25), 16, fid_reference=16, batch=16)
     assert dark["mean_shift"] == pytest.approx(float(-0.5 * real.mean() - 0.25), abs=1e-5)
     assert dark["std_ratio"] == pytest.approx(0.5, abs=1e-5)
+    assert same["hf_ratio"] == pytest.approx(1.0)
+    assert dark["hf_ratio"] == pytest.approx(0.25, abs=1e-5)  # the Laplacian halves, its energy quarters

@@ -190,6 +190,25 @@ def kid_from_features(f1: np.ndarray, f2: np.ndarray, num_subsets: int = 100, su
     return float(total / num_subsets)
 
 
+def precision_recall(real: np.ndarray, gen: np.ndarray, k: int = 3) -> tuple[float, float]:
+    """Improved precision and recall (Kynkaanniemi et al. 2019): each set's manifold is the union of balls reaching
+    every point's k-th nearest neighbour within its own set; precision = the share of generated points inside the
+    real manifold (fidelity), recall = the share of real points inside the generated one (coverage, diversity).
+    A set of n <= k points uses its (n - 1)-th nearest neighbour."""
+    real, gen = np.asarray(real, np.float64), np.asarray(gen, np.float64)
+
+    def dist(a, b):  # Euclidean distances (len(a), len(b)), in float64
+        return np.sqrt(np.maximum((a * a).sum(1)[:, None] + (b * b).sum(1)[None] - 2 * a @ b.T, 0.0))
+
+    def radii(x):  # distance to the k-th nearest other point (column 0 of the sorted rows is the point itself)
+        return np.sort(dist(x, x), axis=1)[:, min(k, len(x) - 1)]
+
+    r_real, r_gen, d = radii(real), radii(gen), dist(gen, real)  # d: (len(gen), len(real))
+    precision = float((d <= r_real[None]).any(1).mean())
+    recall = float((d <= r_gen[:, None]).any(0).mean())
+    return precision, recall
+
+
 def cache_root(cache_dir: str | Path | None = None) -> Path:
     """Where reference features live: cache_dir, else $IMAGINE_FLASH_CACHE/fid, else ~/.cache/imagine_flash/fid."""
     if cache_dir is not None:

@@ -1,4 +1,5 @@
-"""Metrics of a model folder: FID/KID (Inception), in-domain FID, prompt alignment and ms/image; metrics.json."""
+"""Metrics of a model folder: FID/KID and precision/recall (Inception), in-domain FID, prompt alignment and ms/image;
+metrics.json."""
 from __future__ import annotations
 
 import json
@@ -44,7 +45,7 @@ def evaluate_model(runner, num_samples: int, steps: int | None = None, fid_refer
     """Generate num_samples images for the protocol's prompts (sample i: prompt i, seed i) and measure them."""
     from ..data.fashion import eval_prompts
     from .classifier import alignment, load_classifier
-    from .fid import InceptionFeatures, fid_from_features, kid_from_features, reference_features
+    from .fid import InceptionFeatures, fid_from_features, kid_from_features, precision_recall, reference_features
 
     prompts, colors, classes = eval_prompts(num_samples)
     steps = steps or runner.default_steps()
@@ -60,15 +61,19 @@ def evaluate_model(runner, num_samples: int, steps: int | None = None, fid_refer
         f_real = classifier.features(real).double().numpy()
         f_gen = classifier.features(images).double().numpy()
     align = alignment(classifier, images, colors, classes)
+    precision, recall = precision_recall(ref[:len(feats)], feats)  # equal counts: the first N real images
     guided = (guidance_scale if guidance_scale is not None else (1.0 if runner.is_student else
               float(runner.meta.get("guidance_scale", 3.0)))) != 1.0
     return {"steps": steps, "nfe": steps * (2 if guided else 1), "num_samples": num_samples,
             "fid": float(fid_from_features(feats, ref)), "kid": _kid_value(kid_from_features(feats, ref)),
             "fid_indomain": float(fid_from_features(f_gen, f_real)),
+            # Inception precision (fidelity) and recall (diversity), k = 3, against the first N real images
+            "precision": precision, "recall": recall,
             "color_acc": float(align["color_acc"]), "class_acc": float(align["class_acc"]),
             # brightness and contrast against the real images (pixels in [-1, 1]): a darkened student shows here
             "mean_shift": float(images.clamp(-1, 1).mean() - real.mean()),
             "std_ratio": float(images.clamp(-1, 1).std() / real.std()),
+            "hf_ratio": float(speckle(images) / speckle(real)),  # sharpness: high-frequency energy over the real's
             "ms_per_image": 1000.0 * seconds / num_samples, "sampler": solver or runner.sampler}, images
 
 
