@@ -13,7 +13,8 @@ mkdir -p "$OUT"
 lane() {  # every NAME=SETTINGS for one seed, one after the other
   local seed=$1; shift
   for spec in "$@"; do
-    local name=${spec%%=*} settings=${spec#*=} run="$OUT/$name-seed$seed"
+    local name=${spec%%=*} settings=${spec#*=}
+    local run="$OUT/$name-seed$seed"
     [ -f "$run/metrics.json" ] && continue
     local resume=()  # a checkpoint: go on from it; a run folder without one: nothing to keep
     if [ -f "$run/ckpt.json" ]; then resume=(--resume); elif [ -d "$run" ]; then resume=(--overwrite); fi

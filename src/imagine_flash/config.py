@@ -177,15 +177,17 @@ class DistillConfig:
     # teacher: sigmas in (0, 1] before its shift, as a pipeline's sigmas=; default 1 - j / (n + 1), docs/flow.md)
     noise_correction: bool = True  # Eq. 9 in the training rollouts and at inference
     backward: bool = True  # §4.1 backward distillation (False: forward-noised real data)
-    reconstruction: str = "srl"  # 'srl' (Eq. 8), 'eq7' (Eq. 7, no shift), 'srl+eq7' (Eq. 8, but Eq. 7 for the last
-    # student step; an earlier run of that target gave FID 179.0 against 204.5, its files not committed) or 'none'
+    reconstruction: str = "srl+eq7"  # 'srl+eq7' (Eq. 8, but Eq. 7 for the last student step: on the embedded teacher
+    # FID 49.9 against srl's 59.3 and Inception recall 0.51 against 0.19, two seeds each, docs/distill_default.md),
+    # 'srl' (Eq. 8 at every step, the paper's), 'eq7' (Eq. 7, no shift) or 'none'
     recon_weight: str = "none"  # flash: per-sample weight of the x0 error: 'none' (the paper) or 'snr' (alpha_t^2 /
     # sigma_t^2, the student's eps error: balances the steps; measured worse, FID 162 vs 62, docs/distill_default.md)
     k: int = 4  # teacher DDIM steps for the target (Euler steps on a flow path). On the embedded teacher k = 4 gave
     # the same quality as 8 in 0.70x the training time (docs/distill_default.md); the paper does not give k
     gamma_table: tuple = ((900, 990), (500, 950), (-1, 750))  # SRL gamma(t): (threshold, value), value if t > threshold
     # (a flow teacher: in units of sigma * T, on the shifted sigma). gamma(t <= 500) = 750, the paper's 200 measured
-    # worse (docs/distill_default.md); configs/paper.yaml has the paper's table
+    # worse (docs/distill_default.md); configs/paper.yaml has the paper's table. With reconstruction='srl+eq7' the
+    # last student step takes no shift (Eq. 7), so at 3 steps (999/666/333) the t <= 500 entry is not used
     recon_step_weights: tuple | None = None  # flash: weight of each student step i's reconstruction loss (None: 1)
     guidance_scale: float | None = None  # teacher CFG scale for targets (default: the teacher's own; FLUX: 1, no
     # true CFG, as its pipeline)
