@@ -30,6 +30,13 @@ def test_cache():
     shutil.rmtree(CACHE, ignore_errors=True)
 
 
+@pytest.fixture(autouse=True)
+def _cwd_in_tmp(tmp_path, monkeypatch):
+    """Every test runs in its own temporary folder: a default --out (runs/<method>-<variant>-<n>step) resolves there,
+    so a run the user made in the checkout (`make demo`) neither changes a test's outcome nor gets touched by it."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture(scope="session")
 def tiny_teacher(tmp_path_factory):
     """A randomly initialised micro teacher folder at 16x16 (the embedded data's resolution)."""
