@@ -382,3 +382,39 @@ def test_one_flash_step_golden_numbers(tmp_path, tiny_teacher, small_data):
     assert sum(d.abs().sum().item() for d in delta) == pytest.approx(34.170146, rel=1e-4)
     # Signed: a sign flip of one tiny gradient moves it by about 2 lr, hence the absolute tolerance.
     assert sum(d.sum().item() for d in delta) == pytest.approx(-0.0244643, abs=1e-3)
+
+
+@needs_data
+@pytest.mark.slow
+def test_x0_student_trains_exports_and_samples_as_trained(tmp_path, tiny_teacher, capsys):
+    """student_prediction=sample: the student's network outputs x0_hat. Its folder says so (FlashScheduler's
+    prediction_type and imagine_flash.json), `sample` loads it, the runner samples exactly the flash sampler over an
+    x0 Denoiser, and it is refused as a teacher (its network predicts x0, not eps)."""
+    from imagine_flash.denoisers import Denoiser
+    from imagine_flash.generate import ModelRunner
+    from imagine_flash.sampling import flash_sample
+
+    out = tmp_path / "run"
+    assert main(["distill", "--teacher", str(tiny_teacher), "--out", str(out), "--max-steps", "2",
+                 "--eval-samples", "0", "--student-steps", "1", "--set", "student_prediction=sample",
+                 "--set", "batch_size=4", "--set", "k=2"]) == 0
+    student = out / "student"
+    sched = json.loads((student / "scheduler" / "scheduler_config.json").read_text())
+    assert sched["_class_name"] == "FlashScheduler" and sched["prediction_type"] == "sample"
+    assert json.loads((student / "imagine_flash.json").read_text())["prediction_type"] == "sample"
+    runner = ModelRunner(student)
+    images, _ = runner.sample(["a red sneaker", "a blue bag"], [3, 4])
+    x_T = runner.noise([3, 4])
+    x0 = flash_sample(Denoiser(runner.unet, runner.schedule, "sample"), x_T, runner.text(["a red sneaker",
+                      "a blue bag"]), [999], runner.schedule)
+    torch.testing.assert_close(images, runner.encoder.decode(x0))
+    # one step at t = 999: the image is the network's own output there, not (x_T - sigma eps) / alpha
+    from imagine_flash.denoisers import _call_net
+    with torch.no_grad():
+        raw = _call_net(runner.unet, x_T, torch.tensor([999, 999]), runner.text(["a red sneaker", "a blue bag"]))
+    torch.testing.assert_close(x0, raw)
+    assert main(["sample", "--model", str(student), "--prompt", "a red sneaker", "--out", str(tmp_path / "a.png")]) == 0
+    capsys.readouterr()
+    assert main(["distill", "--teacher", str(student), "--out", str(tmp_path / "o"), "--eval-samples", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "predicts sample" in err and "epsilon" in err and "Traceback" not in err

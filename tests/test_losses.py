@@ -256,3 +256,40 @@ def test_snr_recon_weight_is_the_eps_space_error():
     i = torch.randint(0, 3, (B,), generator=g)
     w = torch.tensor([abar(t) / (1 - abar(t)) for t in ts])[i]
     torch.testing.assert_close(snr, plain * w.float())
+
+
+def test_student_prediction_sample_and_v_by_hand():
+    """student_prediction: a 'sample' net's output is x0_hat itself and eps_hat = (x_t - alpha x0) / sigma; a
+    'v_prediction' net's x0_hat = alpha x_t - sigma v (Salimans & Ho 2022), with alpha and sigma by hand."""
+    x_t, out = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    t = torch.tensor([999, 333])
+    a = torch.tensor([abar(999), abar(333)]).sqrt().view(-1, 1, 1, 1).float()
+    s = (1 - a.square()).sqrt()
+    p = Denoiser(lambda x, tt, c: out, S, "sample").predict(x_t, t, None)
+    torch.testing.assert_close(p.x0, out)
+    torch.testing.assert_close(p.eps, (x_t - a * out) / s)
+    p = Denoiser(lambda x, tt, c: out, S, "v_prediction").predict(x_t, t, None)
+    torch.testing.assert_close(p.x0, a * x_t - s * out)
+    torch.testing.assert_close(p.eps, s * x_t + a * out)
+
+
+def test_a_scheduler_taking_x0_or_v_samples_as_one_taking_eps():
+    """scheduler_sample hands a FlashScheduler the output form its prediction_type names: the same x0_hat sampled
+    through an 'epsilon', a 'sample' and a 'v_prediction' scheduler gives the same images."""
+    from imagine_flash.sampling import scheduler_sample
+    from imagine_flash.scheduler import FlashScheduler
+
+    x0_net = lambda x, t, c: torch.tanh(x) * 0.5  # an x0-predicting toy network
+    den = Denoiser(x0_net, S, "sample")
+    x_T = torch.randn(3, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    outs = [scheduler_sample(den, FlashScheduler(timesteps=[999, 666, 333], prediction_type=kind), x_T, None, 3)
+            for kind in ("epsilon", "sample", "v_prediction")]
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(outs[2], outs[0], rtol=1e-4, atol=1e-5)
+    # and by hand: Eq. 9 at 999 (x_T in place of eps), then Eq. 4 with eps from x0 (Eq. 5), then x0_hat at 333
+    a = {t: abar(t) ** 0.5 for t in (666, 333)}
+    x = a[666] * x0_net(x_T, 0, None) + (1 - a[666] ** 2) ** 0.5 * x_T
+    x0 = x0_net(x, 0, None)
+    eps = (x - a[666] * x0) / (1 - a[666] ** 2) ** 0.5
+    x = a[333] * x0 + (1 - a[333] ** 2) ** 0.5 * eps
+    torch.testing.assert_close(outs[1], x0_net(x, 0, None), rtol=1e-4, atol=1e-5)

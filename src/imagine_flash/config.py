@@ -177,6 +177,11 @@ class DistillConfig:
     # teacher: sigmas in (0, 1] before its shift, as a pipeline's sigmas=; default 1 - j / (n + 1), docs/flow.md)
     noise_correction: bool = True  # Eq. 9 in the training rollouts and at inference
     backward: bool = True  # §4.1 backward distillation (False: forward-noised real data)
+    student_prediction: str = "teacher"  # flash: what the student network outputs. 'teacher' (as the teacher: eps,
+    # or a flow teacher's velocity; the student starts as the teacher), or with a VP teacher 'sample' (x0) or
+    # 'v_prediction'. At t = T an eps output's x0_hat = (x_T - sigma eps_hat) / alpha multiplies its errors by
+    # sigma/alpha = 14.6; x0 and v are well conditioned there, but the teacher's weights output eps, so the student
+    # must first learn the new output (docs/distill_default.md)
     reconstruction: str = "srl+eq7"  # 'srl+eq7' (Eq. 8, but Eq. 7 for the last student step: on the embedded teacher
     # FID 49.9 against srl's 59.3 and Inception recall 0.51 against 0.19, two seeds each, docs/distill_default.md),
     # 'srl' (Eq. 8 at every step, the paper's), 'eq7' (Eq. 7, no shift) or 'none'

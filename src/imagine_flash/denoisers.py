@@ -12,7 +12,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from .schedule import Schedule, eps_from_flow, eps_from_v, x0_from_eps, x0_from_flow, x0_from_v
+from .schedule import Schedule, eps_from_flow, eps_from_v, eps_from_x0, x0_from_eps, x0_from_flow, x0_from_v
 
 
 class Prediction(NamedTuple):
@@ -136,13 +136,14 @@ def _call_net(net, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tens
     return out.to(x_t.dtype)  # samplers and losses compute in the caller's precision
 
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "flow")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")
 
 
 class Denoiser:
     """A model with its conditioning and CFG: predict(x_t, t, cond) -> Prediction; __call__ -> eps_hat (B, C, H, W).
 
-    prediction_type: 'epsilon', 'v_prediction' (VP) or 'flow' (the velocity of a rectified-flow model; t = sigma).
+    prediction_type: 'epsilon', 'v_prediction', 'sample' (x0 itself: a student's student_prediction) on a VP path, or
+    'flow' (the velocity of a rectified-flow model; t = sigma).
     With guidance_scale w != 1, cond and the null cond run in one batched forward and CFG combines the raw outputs:
     out = out_u + w (out_c - out_u) (the same as combining eps or x0: the conversions are affine in the output).
     """
@@ -151,7 +152,7 @@ class Denoiser:
                  guidance_scale: float = 1.0, null_cond: Cond | None = None):
         prediction_type = prediction_type or ("flow" if getattr(schedule, "flow", False) else "epsilon")
         if prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"prediction_type {prediction_type!r} is not supported: use an epsilon, v or flow model")
+            raise ValueError(f"prediction_type {prediction_type!r} is not supported: use an epsilon, v, x0 or flow model")
         self.net, self.schedule, self.prediction_type = net, schedule, prediction_type
         self.guidance_scale, self.null_cond = guidance_scale, null_cond
 
@@ -182,6 +183,8 @@ class Denoiser:
             return Prediction(x0_from_flow(x_t, out, s), eps_from_flow(x_t, out, s), out)
         if self.prediction_type == "v_prediction":
             return Prediction(x0_from_v(x_t, out, a, s), eps_from_v(x_t, out, a, s))
+        if self.prediction_type == "sample":
+            return Prediction(out, eps_from_x0(x_t, out, a, s))
         return Prediction(x0_from_eps(x_t, out, a, s), out)
 
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor | int, cond: Cond) -> torch.Tensor:

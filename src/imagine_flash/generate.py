@@ -71,7 +71,7 @@ class ModelRunner:
         steps = steps or self.default_steps()
         if guidance_scale is None:
             guidance_scale = 1.0 if self.is_student else float(self.meta.get("guidance_scale", 3.0))
-        den = Denoiser(self.unet, self.schedule, guidance_scale=guidance_scale, null_cond=self.null)
+        den = Denoiser(self.unet, self.schedule, self.meta.get("prediction_type"), guidance_scale, self.null)
         sched = self.scheduler(steps, solver, noise_correction)
         student_ts = self.meta.get("timesteps") if self.is_student and steps == self.default_steps() else None
         out, seconds = [], 0.0

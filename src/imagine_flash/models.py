@@ -63,7 +63,7 @@ def cast(module: torch.nn.Module, device=None, dtype=None) -> torch.nn.Module:
     return torch.nn.Module.to(module, device=device, dtype=dtype)
 
 
-def student_scheduler(schedule_config: dict, timesteps, noise_correction: bool):
+def student_scheduler(schedule_config: dict, timesteps, noise_correction: bool, prediction_type: str = "epsilon"):
     """FlashScheduler that always samples at the student's trained timesteps, with or without Eq. 9. A flow
     student's is the teacher's own FlowMatchEulerDiscreteScheduler (it samples the trained sigmas bit for bit when
     given them: pipe(..., sigmas=imagine_flash.json's "sigmas"); Eq. 9 is a no-op on the flow path)."""
@@ -74,7 +74,7 @@ def student_scheduler(schedule_config: dict, timesteps, noise_correction: bool):
         return FlowMatchEulerDiscreteScheduler.from_config(schedule_config["flow_config"])
 
     return FlashScheduler(**schedule_config, noise_correction=noise_correction, timesteps=list(timesteps),
-                          fixed_timesteps=True)
+                          fixed_timesteps=True, prediction_type=prediction_type)
 
 
 def default_teacher() -> Path:
@@ -120,9 +120,10 @@ def load_model_folder(path: str | Path, dtype=torch.float32):
     except Exception as e:  # diffusers raises many kinds here
         raise ModelFolderError(f"{unet_dir} is not a diffusers UNet2DConditionModel: {str(e).splitlines()[0]}") from e
     sched_file = path / "scheduler" / "scheduler_config.json"
+    meta = read_meta(path)
     schedule_config = schedule_config_from(json.loads(sched_file.read_text()) if sched_file.is_file() else {},
-                                           sched_file)
-    return unet, schedule_config, read_meta(path)
+                                           sched_file, meta.get("prediction_type", "epsilon"))
+    return unet, schedule_config, meta
 
 
 def read_meta(path: str | Path) -> dict:
@@ -131,9 +132,10 @@ def read_meta(path: str | Path) -> dict:
     return json.loads(meta_file.read_text()) if meta_file.is_file() else {}
 
 
-def schedule_config_from(sched: dict, where) -> dict:
-    """The noise schedule of a diffusers scheduler config, or a one-line error for a model we cannot distil. A
-    FlowMatchEulerDiscreteScheduler's is the rectified-flow path (kind 'flow'; the model predicts the velocity)."""
+def schedule_config_from(sched: dict, where, prediction_type: str = "epsilon") -> dict:
+    """The noise schedule of a diffusers scheduler config, or a one-line error for a model we cannot distil or
+    sample. A FlowMatchEulerDiscreteScheduler's is the rectified-flow path (kind 'flow'; the model predicts the
+    velocity). prediction_type: what the model must predict (a student's imagine_flash.json may say x0 or v)."""
     if sched.get("_class_name") == "FlowMatchEulerDiscreteScheduler":
         config = {k: v for k, v in sched.items() if not k.startswith("_")}
         if config.get("use_dynamic_shifting"):
@@ -141,8 +143,8 @@ def schedule_config_from(sched: dict, where) -> dict:
         return {"kind": "flow", "num_train_timesteps": int(config.get("num_train_timesteps", 1000)),
                 "flow_config": config, "mu": None}
     pred = sched.get("prediction_type", "epsilon")
-    if pred != "epsilon":
-        raise ModelFolderError(f"{where}: prediction_type is {pred!r}; the teacher must be an epsilon model")
+    if pred != prediction_type:
+        raise ModelFolderError(f"{where}: prediction_type is {pred!r}; the model must be an {prediction_type} model")
     if sched.get("rescale_betas_zero_snr"):
         raise ModelFolderError(f"{where}: rescale_betas_zero_snr=true is not supported")
     if sched.get("trained_betas") is not None or sched.get("beta_schedule", "scaled_linear") not in ("scaled_linear",

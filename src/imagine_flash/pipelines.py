@@ -133,7 +133,9 @@ def _load_pipeline(spec: str, dtype: torch.dtype, device, resolution: int | None
         raise ModelFolderError(f"{spec}: {kind} is not supported; the teacher must be a {' or '.join(PIPELINES)}")
     if kind in FLOW_PIPELINES:
         return _load_flow_pipeline(spec, kind, sched, dtype, device, resolution)
-    schedule_config = schedule_config_from(sched, f"{spec}/scheduler/scheduler_config.json")
+    own = read_meta(spec) if Path(spec).is_dir() else {}  # imagine_flash.json of an exported student pipeline
+    schedule_config = schedule_config_from(sched, f"{spec}/scheduler/scheduler_config.json",
+                                           own.get("prediction_type", "epsilon"))
     skip = {"safety_checker": None, "requires_safety_checker": False} if kind == "StableDiffusionPipeline" else {}
     try:  # never pickles: safetensors only; no remote code
         pipe = DiffusionPipeline.from_pretrained(spec, use_safetensors=True, **skip)
@@ -153,7 +155,7 @@ def _load_pipeline(spec: str, dtype: torch.dtype, device, resolution: int | None
     resolution = resolution or int(unet.config.sample_size) * encoder.downscale
     # The pipeline's own default CFG scale (SD 7.5, SDXL 5.0) unless the folder says otherwise.
     default_w = inspect.signature(type(pipe).__call__).parameters["guidance_scale"].default
-    meta = {"guidance_scale": float(default_w), **(read_meta(spec) if Path(spec).is_dir() else {})}
+    meta = {"guidance_scale": float(default_w), **own}
     return ModelBundle(unet, schedule_config, meta, encoder, PipelineText(pipe, resolution), resolution, spec, kind)
 
 

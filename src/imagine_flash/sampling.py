@@ -6,7 +6,7 @@ from typing import Sequence
 import torch
 
 from .denoisers import Cond, predict
-from .schedule import Schedule
+from .schedule import Schedule, v_from_x0_eps
 
 
 def seeded_noise(seeds: Sequence[int], shape: tuple) -> torch.Tensor:
@@ -95,10 +95,23 @@ def scheduler_sample(denoiser, scheduler, x_T: torch.Tensor, cond: Cond, num_ste
     else:
         scheduler.set_timesteps(num_inference_steps=num_steps)
     x = x_T * scheduler.init_noise_sigma
+    kind = scheduler.config.get("prediction_type", "epsilon")  # what the scheduler's step takes: eps, x0 or v
     for t in scheduler.timesteps:
-        eps_hat = denoiser(scheduler.scale_model_input(x, t), t, cond)
-        x = scheduler.step(eps_hat, t, x, generator=generator).prev_sample
+        x_in = scheduler.scale_model_input(x, t)
+        out = denoiser(x_in, t, cond) if kind == "epsilon" else model_output(denoiser, x_in, t, cond, kind)
+        x = scheduler.step(out, t, x, generator=generator).prev_sample
     return x
+
+
+def model_output(denoiser, x_t: torch.Tensor, t, cond: Cond, kind: str) -> torch.Tensor:
+    """The denoiser's prediction in the form a scheduler with prediction_type `kind` takes: x0 ('sample') or v."""
+    pred = denoiser.predict(x_t, t, cond)
+    if kind == "sample":
+        return pred.x0
+    if kind == "v_prediction":
+        t = denoiser.schedule.timesteps(t, x_t.device)
+        return v_from_x0_eps(pred.x0, pred.eps, denoiser.schedule.alpha(t), denoiser.schedule.sigma(t))
+    raise ValueError(f"a scheduler with prediction_type {kind!r} is not supported here")
 
 
 def teacher_scheduler(kind: str, schedule_config: dict):

@@ -213,6 +213,11 @@ def x0_from_v(x_t: torch.Tensor, v: torch.Tensor, alpha_t, sigma_t) -> torch.Ten
     return bcast(alpha_t, x_t) * x_t - bcast(sigma_t, x_t) * v
 
 
+def v_from_x0_eps(x0_hat: torch.Tensor, eps_hat: torch.Tensor, alpha_t, sigma_t) -> torch.Tensor:
+    """The v-prediction target from x0 and eps: v = alpha_t eps - sigma_t x0 (Salimans & Ho 2022)."""
+    return bcast(alpha_t, eps_hat) * eps_hat - bcast(sigma_t, x0_hat) * x0_hat
+
+
 def ddim_step(x0_hat: torch.Tensor, eps_hat: torch.Tensor, alpha_prev, sigma_prev) -> torch.Tensor:
     """Eq. 4, DDIM update: x_{t'} = alpha_{t'} x0_hat + sigma_{t'} eps_hat."""
     return bcast(alpha_prev, x0_hat) * x0_hat + bcast(sigma_prev, x0_hat) * eps_hat

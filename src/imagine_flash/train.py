@@ -151,6 +151,9 @@ def build_run(cfg: DistillConfig, resume: bool = False, teacher_bundle=None, dat
             raise ConfigError(f"embedded_guidance={cfg.embedded_guidance}: the teacher {bundle.source} has no "
                               "guidance embedding (FLUX-dev has one)")
         bundle.meta["embedded_guidance"] = bundle.text.guidance = float(cfg.embedded_guidance)
+    if bundle.meta.get("prediction_type", "epsilon") != "epsilon":  # a student folder with an x0 or v output
+        raise ConfigError(f"teacher {bundle.source}: its network predicts {bundle.meta['prediction_type']}; a VP "
+                          "teacher must predict epsilon")
     if bundle.flow and not method_class(cfg).flow:
         raise ConfigError(f"method={cfg.method}: a flow-matching teacher ({bundle.pipeline}) is distilled with "
                           "method flash only")
@@ -190,12 +193,18 @@ def build_run(cfg: DistillConfig, resume: bool = False, teacher_bundle=None, dat
     # (optimisers, EMA, checkpoints, export) stay as they are.
     fast = torch.compile if cfg.compile else (lambda net: net)
     live, teacher_net = fast(student), fast(st.teacher_net)
-    models = Models(student=Denoiser(live, schedule), teacher=Denoiser(
+    pred = student_prediction(cfg)  # the student's output: the teacher's (None), x0 or v
+    models = Models(student=Denoiser(live, schedule, pred), teacher=Denoiser(
         teacher_net, schedule, guidance_scale=cfg.guidance_scale, null_cond=null),
-        rollout=Denoiser(ema if cfg.rollout_weights == "ema" else live, schedule), ema=Denoiser(ema, schedule),
-        schedule=schedule, disc=disc)
+        rollout=Denoiser(ema if cfg.rollout_weights == "ema" else live, schedule, pred),
+        ema=Denoiser(ema, schedule, pred), schedule=schedule, disc=disc)
     return Run(cfg, run, backend, bundle, dataset, timesteps, method, models, st, student, opt_g, adv, disc, opt_d,
                nets, opts, start, seconds_before)
+
+
+def student_prediction(cfg: DistillConfig) -> str | None:
+    """The student Denoiser's prediction_type: None (the teacher's own) or cfg.student_prediction."""
+    return None if cfg.student_prediction == "teacher" else cfg.student_prediction
 
 
 def distill(cfg: DistillConfig, resume: bool = False, teacher_bundle=None, dataset=None, text=None) -> Path:
@@ -387,7 +396,7 @@ def _sample_grid(run: Run, path: Path, scheduler, prompts: list[str]) -> None:
     cond = run.bundle.text(prompts).to(x_T.device)
     teacher = scheduler_sample(run.models.teacher, teacher_scheduler("dpmpp", run.bundle.schedule_config), x_T, cond,
                                25)
-    student = scheduler_sample(Denoiser(ema, run.models.schedule), scheduler, x_T, cond, timesteps=run.timesteps,
+    student = scheduler_sample(run.models.ema, scheduler, x_T, cond, timesteps=run.timesteps,
                                generator=sample_generators(seeds))
     save_png(labelled_rows([("teacher 25", encoder.decode(teacher)),
                             (f"student {len(run.timesteps)}", encoder.decode(student))], scale=4), path)

@@ -83,6 +83,7 @@ def distill_rules(T: int = 1000, flow: bool = False) -> dict[str, Rule]:
         # the method and its losses
         "method": one_of(*METHODS), "variant": one_of(*VARIANTS), "student_steps": within(1, T, closed=True),
         "student_timesteps": student_ts, "noise_correction": ANY, "backward": ANY,
+        "student_prediction": one_of("teacher", "sample", "v_prediction"),
         "reconstruction": one_of("srl", "eq7", "srl+eq7", "none"),
         "recon_weight": one_of("none", "snr"), "k": POSITIVE, "gamma_table": _gamma_table(T),
         "recon_step_weights": items(float, at_least(0)), "guidance_scale": at_least(0),
@@ -190,6 +191,8 @@ def validate(cfg, sources: dict[str, str] | None = None, T: int | None = None, d
         refuse("resolution", f"the teacher's VAE takes multiples of {downscale} px")
     if flow and not method_class(cfg).flow:
         refuse("method", "a flow-matching teacher (SD3, FLUX) is distilled with method flash only")
+    if flow and cfg.student_prediction != "teacher":
+        refuse("student_prediction", "a flow teacher's student predicts the velocity, as its teacher: use teacher")
     if cfg.batch_size % cfg.grad_accum:
         refuse("batch_size", f"must be divisible by grad_accum={cfg.grad_accum}")
     if cfg.compile and cfg.lora_rank:

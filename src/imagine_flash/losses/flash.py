@@ -93,7 +93,8 @@ class FlashLoss(Method):
     'srl+eq7' (Eq. 8, but Eq. 7 at the last student step) or 'none' (the no-srl ablation: the adversarial term
     alone). recon_weight 'snr' weights each sample's x0 error by alpha_t^2 / sigma_t^2 (the student's eps-space
     error), so that the first step (sigma/alpha = 14.6 at t = 999) no longer dominates the gradient.
-    all_steps: the backend's rollout rule (rollout).
+    all_steps: the backend's rollout rule (rollout). prediction_type: the student network's output if not the
+    teacher's ('sample' or 'v_prediction'; the Denoisers of train.Models convert it), for its exported scheduler.
     """
 
     name, sampler, flow = "flash", "flash", True
@@ -101,7 +102,7 @@ class FlashLoss(Method):
     def __init__(self, schedule: Schedule, timesteps: Sequence[int], k: int = 8, backward: bool = True,
                  reconstruction: str = "srl", noise_correction: bool = True,
                  gamma_table=((900, 990), (500, 950), (-1, 200)), step_weights: Sequence[float] | None = None,
-                 all_steps: bool = False, recon_weight: str = "none"):
+                 all_steps: bool = False, recon_weight: str = "none", prediction_type: str | None = None):
         if reconstruction not in ("srl", "eq7", "srl+eq7", "none"):
             raise ValueError(f"reconstruction must be 'srl', 'eq7', 'srl+eq7' or 'none', not {reconstruction!r}")
         if recon_weight not in ("none", "snr"):
@@ -114,6 +115,7 @@ class FlashLoss(Method):
         self.backward, self.reconstruction, self.noise_correction = backward, reconstruction, noise_correction
         self.gamma_table = tuple(tuple(p) for p in gamma_table)
         self.all_steps = all_steps
+        self.prediction_type = prediction_type  # the student network's output: 'sample', 'v_prediction', None (eps)
         self.needs_images = not backward  # backward distillation and SRL never look at an image
 
     @classmethod
@@ -134,7 +136,8 @@ class FlashLoss(Method):
     def build(cls, cfg, schedule: Schedule, timesteps, teacher_net, all_steps: bool) -> FlashLoss:
         return cls(schedule, timesteps, k=cfg.k, backward=cfg.backward, reconstruction=cfg.reconstruction,
                    noise_correction=cfg.noise_correction, gamma_table=cfg.gamma_table,
-                   step_weights=cfg.recon_step_weights, all_steps=all_steps, recon_weight=cfg.recon_weight)
+                   step_weights=cfg.recon_step_weights, all_steps=all_steps, recon_weight=cfg.recon_weight,
+                   prediction_type=None if cfg.student_prediction == "teacher" else cfg.student_prediction)
 
     def image_need(self) -> str:
         return "backward=False (forward distillation noises real images; --set backward=true)"
@@ -172,7 +175,8 @@ class FlashLoss(Method):
         """FlashScheduler with the student's timesteps and noise correction fixed."""
         from ..models import student_scheduler
 
-        return student_scheduler(schedule_config, timesteps, self.noise_correction)
+        return student_scheduler(schedule_config, timesteps, self.noise_correction, self.prediction_type or "epsilon")
 
     def meta(self) -> dict:
-        return {**super().meta(), "noise_correction": self.noise_correction}
+        own = {"prediction_type": self.prediction_type} if self.prediction_type else {}  # else the teacher's
+        return {**super().meta(), "noise_correction": self.noise_correction, **own}
