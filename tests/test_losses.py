@@ -271,11 +271,15 @@ def test_student_prediction_sample_and_v_by_hand():
     p = Denoiser(lambda x, tt, c: out, S, "v_prediction").predict(x_t, t, None)
     torch.testing.assert_close(p.x0, a * x_t - s * out)
     torch.testing.assert_close(p.eps, s * x_t + a * out)
+    p = Denoiser(lambda x, tt, c: out, S, "v_at_T").predict(x_t, t, None)  # v at t = 999, eps at 333
+    torch.testing.assert_close(p.x0[0], (a * x_t - s * out)[0])
+    torch.testing.assert_close(p.x0[1], ((x_t - s * out) / a)[1])
+    torch.testing.assert_close(p.eps, torch.stack([(s * x_t + a * out)[0], out[1]]))
 
 
 def test_a_scheduler_taking_x0_or_v_samples_as_one_taking_eps():
     """scheduler_sample hands a FlashScheduler the output form its prediction_type names: the same x0_hat sampled
-    through an 'epsilon', a 'sample' and a 'v_prediction' scheduler gives the same images."""
+    through an 'epsilon', a 'sample', a 'v_prediction' and a 'v_at_T' scheduler gives the same images."""
     from imagine_flash.sampling import scheduler_sample
     from imagine_flash.scheduler import FlashScheduler
 
@@ -283,9 +287,9 @@ def test_a_scheduler_taking_x0_or_v_samples_as_one_taking_eps():
     den = Denoiser(x0_net, S, "sample")
     x_T = torch.randn(3, 3, 4, 4, generator=torch.Generator().manual_seed(0))
     outs = [scheduler_sample(den, FlashScheduler(timesteps=[999, 666, 333], prediction_type=kind), x_T, None, 3)
-            for kind in ("epsilon", "sample", "v_prediction")]
-    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(outs[2], outs[0], rtol=1e-4, atol=1e-5)
+            for kind in ("epsilon", "sample", "v_prediction", "v_at_T")]
+    for other in outs[1:]:
+        torch.testing.assert_close(other, outs[0], rtol=1e-4, atol=1e-5)
     # and by hand: Eq. 9 at 999 (x_T in place of eps), then Eq. 4 with eps from x0 (Eq. 5), then x0_hat at 333
     a = {t: abar(t) ** 0.5 for t in (666, 333)}
     x = a[666] * x0_net(x_T, 0, None) + (1 - a[666] ** 2) ** 0.5 * x_T

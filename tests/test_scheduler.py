@@ -308,3 +308,19 @@ def test_rollout_returns_state_after_j_steps(noise_correction):
                   torch.zeros(5, dtype=torch.long), noise_correction)
     assert not calls
     torch.testing.assert_close(out, x_T, rtol=0, atol=0)
+
+
+def test_v_at_T_steps_as_v_at_the_first_timestep_and_as_eps_after():
+    """prediction_type='v_at_T': the output is read as v at t = T - 1 and as eps at every other timestep."""
+    x, out = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    steps = {}
+    for kind in ("v_at_T", "v_prediction", "epsilon"):
+        s = FlashScheduler(timesteps=[999, 500], prediction_type=kind)
+        s.set_timesteps()
+        first = s.step(out, 999, x).prev_sample
+        steps[kind] = (first, s.step(out, 500, first).prev_sample)
+    torch.testing.assert_close(steps["v_at_T"][0], steps["v_prediction"][0])
+    e = FlashScheduler(timesteps=[999, 500], prediction_type="epsilon")
+    e.set_timesteps()
+    e.step(out, 999, x)  # to step index 1
+    torch.testing.assert_close(steps["v_at_T"][1], e.step(out, 500, steps["v_at_T"][0]).prev_sample)

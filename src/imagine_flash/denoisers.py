@@ -136,14 +136,14 @@ def _call_net(net, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tens
     return out.to(x_t.dtype)  # samplers and losses compute in the caller's precision
 
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "v_at_T", "flow")
 
 
 class Denoiser:
     """A model with its conditioning and CFG: predict(x_t, t, cond) -> Prediction; __call__ -> eps_hat (B, C, H, W).
 
-    prediction_type: 'epsilon', 'v_prediction', 'sample' (x0 itself: a student's student_prediction) on a VP path, or
-    'flow' (the velocity of a rectified-flow model; t = sigma).
+    prediction_type: 'epsilon', 'v_prediction', 'sample' (x0 itself) or 'v_at_T' (v at t = T - 1, eps elsewhere: a
+    student's student_prediction) on a VP path, or 'flow' (the velocity of a rectified-flow model; t = sigma).
     With guidance_scale w != 1, cond and the null cond run in one batched forward and CFG combines the raw outputs:
     out = out_u + w (out_c - out_u) (the same as combining eps or x0: the conversions are affine in the output).
     """
@@ -185,6 +185,10 @@ class Denoiser:
             return Prediction(x0_from_v(x_t, out, a, s), eps_from_v(x_t, out, a, s))
         if self.prediction_type == "sample":
             return Prediction(out, eps_from_x0(x_t, out, a, s))
+        if self.prediction_type == "v_at_T":  # per sample: v where x_t is pure noise, eps elsewhere
+            at_T = (t == self.schedule.T - 1).view(-1, *[1] * (x_t.ndim - 1))
+            return Prediction(torch.where(at_T, x0_from_v(x_t, out, a, s), x0_from_eps(x_t, out, a, s)),
+                              torch.where(at_T, eps_from_v(x_t, out, a, s), out))
         return Prediction(x0_from_eps(x_t, out, a, s), out)
 
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor | int, cond: Cond) -> torch.Tensor:

@@ -6,7 +6,7 @@ from typing import Sequence
 import torch
 
 from .denoisers import Cond, predict
-from .schedule import Schedule, v_from_x0_eps
+from .schedule import Schedule, prediction_at, v_from_x0_eps
 
 
 def seeded_noise(seeds: Sequence[int], shape: tuple) -> torch.Tensor:
@@ -104,8 +104,11 @@ def scheduler_sample(denoiser, scheduler, x_T: torch.Tensor, cond: Cond, num_ste
 
 
 def model_output(denoiser, x_t: torch.Tensor, t, cond: Cond, kind: str) -> torch.Tensor:
-    """The denoiser's prediction in the form a scheduler with prediction_type `kind` takes: x0 ('sample') or v."""
+    """The denoiser's prediction in the form a scheduler with prediction_type `kind` takes at t: x0, v or eps."""
+    kind = prediction_at(kind, t, denoiser.schedule.T)
     pred = denoiser.predict(x_t, t, cond)
+    if kind == "epsilon":
+        return pred.eps
     if kind == "sample":
         return pred.x0
     if kind == "v_prediction":

@@ -218,6 +218,14 @@ def v_from_x0_eps(x0_hat: torch.Tensor, eps_hat: torch.Tensor, alpha_t, sigma_t)
     return bcast(alpha_t, eps_hat) * eps_hat - bcast(sigma_t, x0_hat) * x0_hat
 
 
+def prediction_at(prediction_type: str, t: int, T: int) -> str:
+    """The output form of a net at a scalar timestep t: 'v_at_T' is v where x_t is pure noise (t = T - 1), eps
+    elsewhere (a student whose first step is well conditioned); every other prediction_type is the same at every t."""
+    if prediction_type == "v_at_T":
+        return "v_prediction" if int(t) == T - 1 else "epsilon"
+    return prediction_type
+
+
 def ddim_step(x0_hat: torch.Tensor, eps_hat: torch.Tensor, alpha_prev, sigma_prev) -> torch.Tensor:
     """Eq. 4, DDIM update: x_{t'} = alpha_{t'} x0_hat + sigma_{t'} eps_hat."""
     return bcast(alpha_prev, x0_hat) * x0_hat + bcast(sigma_prev, x0_hat) * eps_hat

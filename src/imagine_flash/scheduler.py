@@ -16,9 +16,9 @@ from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, Sch
 from diffusers.utils import BaseOutput, logging
 
 from .schedule import (STUDENT_TIMESTEPS, ddim_step, eps_from_v, eps_from_x0, make_schedule, noise_corrected_step,
-                       q_sample, x0_from_eps, x0_from_v)
+                       prediction_at, q_sample, x0_from_eps, x0_from_v)
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "v_at_T")  # v_at_T: v at t = T - 1, eps elsewhere
 logger = logging.get_logger(__name__)
 
 
@@ -152,7 +152,7 @@ class FlashScheduler(SchedulerMixin, ConfigMixin):
         """One student step: x0_hat by Eq. 5, then x_{t'} by Eq. 4, or by Eq. 9 at the first step."""
         # Notation (<variable name> -> <name in the paper>):
         # - sample -> x_t; at the first step x_T, the pure noise
-        # - model_output -> eps_hat(x_t, t) (or v, or x0, per prediction_type; converted to eps_hat and x0_hat)
+        # - model_output -> eps_hat(x_t, t) (or v, or x0, per prediction_type and t; converted to eps_hat, x0_hat)
         # - pred_original_sample -> x0_hat(x_t, eps_hat, t), Eq. 5
         # - t_next -> t', the next timestep of the list; -1 (alpha = 1, sigma = 0) after the last
         # - prev_sample -> x_{t'} = f(x_t), Eq. 4 (Eq. 9 at the first step with noise_correction)
@@ -172,9 +172,10 @@ class FlashScheduler(SchedulerMixin, ConfigMixin):
 
         # 1. eps_hat and x0_hat (Eq. 5) at t.
         alpha_t, sigma_t = self.schedule.alpha(t), self.schedule.sigma(t)
-        if self.config.prediction_type == "epsilon":
+        kind = prediction_at(self.config.prediction_type, t, self.config.num_train_timesteps)
+        if kind == "epsilon":
             eps_hat, x0_hat = out, x0_from_eps(x_t, out, alpha_t, sigma_t)
-        elif self.config.prediction_type == "v_prediction":
+        elif kind == "v_prediction":
             eps_hat, x0_hat = eps_from_v(x_t, out, alpha_t, sigma_t), x0_from_v(x_t, out, alpha_t, sigma_t)
         else:  # "sample"
             eps_hat, x0_hat = eps_from_x0(x_t, out, alpha_t, sigma_t), out

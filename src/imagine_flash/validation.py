@@ -83,7 +83,7 @@ def distill_rules(T: int = 1000, flow: bool = False) -> dict[str, Rule]:
         # the method and its losses
         "method": one_of(*METHODS), "variant": one_of(*VARIANTS), "student_steps": within(1, T, closed=True),
         "student_timesteps": student_ts, "noise_correction": ANY, "backward": ANY,
-        "student_prediction": one_of("teacher", "sample", "v_prediction"),
+        "student_prediction": one_of("teacher", "sample", "v_prediction", "v_at_T"),
         "reconstruction": one_of("srl", "eq7", "srl+eq7", "none"),
         "recon_weight": one_of("none", "snr"), "k": POSITIVE, "gamma_table": _gamma_table(T),
         "recon_step_weights": items(float, at_least(0)), "guidance_scale": at_least(0),
