@@ -280,6 +280,11 @@ def resolve_variant(cfg: DistillConfig, explicit: set[str] | None = None) -> Dis
     return dataclasses.replace(cfg, **VARIANTS[cfg.variant])
 
 
+def student_prediction(cfg: DistillConfig) -> str | None:
+    """The student network's prediction_type: None (the teacher's own) or cfg.student_prediction."""
+    return None if cfg.student_prediction == "teacher" else cfg.student_prediction
+
+
 def run_name(cfg: DistillConfig) -> str:
     """The default run folder: runs/<method>-<variant>-<n>step."""
     return f"runs/{cfg.method}-{cfg.variant}-{cfg.student_steps}step"

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from .backend import Backend, set_threads
 from .checkpoint import ema_update, has_checkpoint, load_checkpoint, read_checkpoint, save_checkpoint
-from .config import ConfigError, DistillConfig, method_class, resolve_variant, save_config
+from .config import ConfigError, DistillConfig, method_class, resolve_variant, save_config, student_prediction
 from .denoisers import Denoiser
 from .dist import all_finite
 from .encoders import PixelEncoder
@@ -200,11 +200,6 @@ def build_run(cfg: DistillConfig, resume: bool = False, teacher_bundle=None, dat
         ema=Denoiser(ema, schedule, pred), schedule=schedule, disc=disc)
     return Run(cfg, run, backend, bundle, dataset, timesteps, method, models, st, student, opt_g, adv, disc, opt_d,
                nets, opts, start, seconds_before)
-
-
-def student_prediction(cfg: DistillConfig) -> str | None:
-    """The student Denoiser's prediction_type: None (the teacher's own) or cfg.student_prediction."""
-    return None if cfg.student_prediction == "teacher" else cfg.student_prediction
 
 
 def distill(cfg: DistillConfig, resume: bool = False, teacher_bundle=None, dataset=None, text=None) -> Path:

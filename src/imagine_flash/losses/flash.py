@@ -6,7 +6,7 @@ from typing import Sequence
 
 import torch
 
-from ..config import OptionError
+from ..config import OptionError, student_prediction
 from ..denoisers import Cond, predict
 from ..rng import randint, randn
 from ..sampling import ddim_sample, rollout
@@ -94,7 +94,8 @@ class FlashLoss(Method):
     alone). recon_weight 'snr' weights each sample's x0 error by alpha_t^2 / sigma_t^2 (the student's eps-space
     error), so that the first step (sigma/alpha = 14.6 at t = 999) no longer dominates the gradient.
     all_steps: the backend's rollout rule (rollout). prediction_type: the student network's output if not the
-    teacher's ('sample' or 'v_prediction'; the Denoisers of train.Models convert it), for its exported scheduler.
+    teacher's ('sample', 'v_prediction' or 'v_at_T'; the Denoisers of train.Models convert it), for its exported
+    scheduler.
     """
 
     name, sampler, flow = "flash", "flash", True
@@ -115,7 +116,7 @@ class FlashLoss(Method):
         self.backward, self.reconstruction, self.noise_correction = backward, reconstruction, noise_correction
         self.gamma_table = tuple(tuple(p) for p in gamma_table)
         self.all_steps = all_steps
-        self.prediction_type = prediction_type  # the student network's output: 'sample', 'v_prediction', None (eps)
+        self.prediction_type = prediction_type  # the student network's output; None: the teacher's (eps)
         self.needs_images = not backward  # backward distillation and SRL never look at an image
 
     @classmethod
@@ -137,7 +138,7 @@ class FlashLoss(Method):
         return cls(schedule, timesteps, k=cfg.k, backward=cfg.backward, reconstruction=cfg.reconstruction,
                    noise_correction=cfg.noise_correction, gamma_table=cfg.gamma_table,
                    step_weights=cfg.recon_step_weights, all_steps=all_steps, recon_weight=cfg.recon_weight,
-                   prediction_type=None if cfg.student_prediction == "teacher" else cfg.student_prediction)
+                   prediction_type=student_prediction(cfg))
 
     def image_need(self) -> str:
         return "backward=False (forward distillation noises real images; --set backward=true)"
