@@ -152,7 +152,7 @@ class Denoiser:
                  guidance_scale: float = 1.0, null_cond: Cond | None = None):
         prediction_type = prediction_type or ("flow" if getattr(schedule, "flow", False) else "epsilon")
         if prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"prediction_type {prediction_type!r} is not supported: use an epsilon, v, x0 or flow model")
+            raise ValueError(f"prediction_type {prediction_type!r} is not supported: one of {PREDICTION_TYPES}")
         self.net, self.schedule, self.prediction_type = net, schedule, prediction_type
         self.guidance_scale, self.null_cond = guidance_scale, null_cond
 
