@@ -358,6 +358,7 @@ def _quiet_third_party() -> None:
     import logging
 
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    logging.getLogger("kernels").setLevel(logging.ERROR)  # offline, bitsandbytes' kernel lookup warns on every import
 
 
 def main(argv: list[str] | None = None) -> int:
