@@ -418,3 +418,4 @@ def test_x0_student_trains_exports_and_samples_as_trained(tmp_path, tiny_teacher
     assert main(["distill", "--teacher", str(student), "--out", str(tmp_path / "o"), "--eval-samples", "0"]) == 2
     err = capsys.readouterr().err
     assert "predicts sample" in err and "epsilon" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()  # refused before the run folder or any model

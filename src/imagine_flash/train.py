@@ -117,11 +117,16 @@ class Run:
 def build_run(cfg: DistillConfig, resume: bool = False, teacher_bundle=None, dataset=None, text=None) -> Run:
     """Everything the loop needs, in an order that makes every random draw depend on the seed only."""
     from .losses.discriminator import HingeAdversarial
+    from .models import read_meta, teacher_path
     from .pipelines import load_bundle, resolve_dtype
     from .student import build_student, optimizer_class
 
     cfg = resolve_variant(cfg)
     method_class(cfg).validate(cfg)
+    own = teacher_bundle.meta if teacher_bundle else read_meta(teacher_path(cfg.teacher))  # before any model loads
+    if own.get("prediction_type", "epsilon") != "epsilon":  # a student folder with an x0 or v output
+        raise ConfigError(f"teacher {cfg.teacher}: its network predicts {own['prediction_type']}; a VP teacher must "
+                          "predict epsilon")
     set_threads(cfg.threads)
     backend = Backend(cfg)
     run = Path(cfg.out)
@@ -151,9 +156,6 @@ def build_run(cfg: DistillConfig, resume: bool = False, teacher_bundle=None, dat
             raise ConfigError(f"embedded_guidance={cfg.embedded_guidance}: the teacher {bundle.source} has no "
                               "guidance embedding (FLUX-dev has one)")
         bundle.meta["embedded_guidance"] = bundle.text.guidance = float(cfg.embedded_guidance)
-    if bundle.meta.get("prediction_type", "epsilon") != "epsilon":  # a student folder with an x0 or v output
-        raise ConfigError(f"teacher {bundle.source}: its network predicts {bundle.meta['prediction_type']}; a VP "
-                          "teacher must predict epsilon")
     if bundle.flow and not method_class(cfg).flow:
         raise ConfigError(f"method={cfg.method}: a flow-matching teacher ({bundle.pipeline}) is distilled with "
                           "method flash only")
