@@ -18,7 +18,7 @@ from imagine_flash.config import DistillConfig, PretrainConfig
 BAD_DISTILL = {
     "out": "", "teacher": "", "teacher_dtype": "fp8", "dataset": "", "method": "flashy", "variant": "no-such",
     "student_steps": 0, "student_timesteps": [500, 999], "reconstruction": "eq9", "recon_weight": "min-snr", "k": 0,
-    "student_prediction": "x0",
+    "student_prediction": "x0", "target_solver": "heun",
     "gamma_table": [[900, 1000]], "recon_step_weights": [1.0, -1.0, 1.0], "guidance_scale": -1.0, "embedded_guidance": -1.0,
     "rollout_weights": "best", "batch_size": 0, "grad_accum": 0, "lr": 0.0, "adam_betas": [0.9, 1.0],
     "adv_weight": -0.1, "disc_lr": -1e-4, "disc_betas": [0.0], "disc_t_max": 1000, "disc_warmup": -1,
@@ -122,6 +122,7 @@ def test_pretrain_refuses_every_bad_field(tmp_path, capsys, no_work, name, value
     (["--method", "lcm", "--set", "lcm_ddim_timesteps=2"], ["student_steps=3", "lcm_ddim_timesteps=2"]),
     (["--method", "progressive", "--lora-rank", "4"], ["lora_rank=4", "progressive"]),
     (["--method", "lcm", "--set", "student_prediction=sample"], ["student_prediction='sample'", "flash"]),
+    (["--method", "add", "--set", "target_solver=dpmpp"], ["target_solver='dpmpp'", "flash"]),
     (["--teacher", "flow", "--set", "student_prediction=v_prediction"], ["student_prediction", "velocity"]),
     (["--set", "disc_type=projected", "--set", "disc_features=/no/such/dino"], ["disc_features", "/no/such/dino"]),
 ])

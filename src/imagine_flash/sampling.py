@@ -6,7 +6,7 @@ from typing import Sequence
 import torch
 
 from .denoisers import Cond, predict
-from .schedule import Schedule, prediction_at, v_from_x0_eps
+from .schedule import Schedule, dpmpp_2m_step, prediction_at, v_from_x0_eps
 
 
 def seeded_noise(seeds: Sequence[int], shape: tuple) -> torch.Tensor:
@@ -77,6 +77,28 @@ def ddim_sample(denoiser, x_t: torch.Tensor, cond: Cond, timesteps: torch.Tensor
         if j + 1 < timesteps.shape[1]:
             x = schedule.step(x, pred, t, timesteps[:, j + 1])
     return pred.x0
+
+
+@torch.no_grad()
+def dpmpp_sample(denoiser, x_t: torch.Tensor, cond: Cond, timesteps: torch.Tensor, schedule: Schedule) -> torch.Tensor:
+    """DPM-Solver++(2M) (dpmpp_2m_step) through per-sample timesteps (B, k), the same k evaluations as ddim_sample;
+    returns x0_hat at the last one. Its steps are diffusers' DPMSolverMultistepScheduler's (lower_order_final)."""
+    timesteps = torch.as_tensor(timesteps)
+    if timesteps.ndim == 1:
+        timesteps = timesteps.expand(x_t.shape[0], -1)
+    x, x0_prev, h = x_t, None, None
+    for j in range(timesteps.shape[1]):
+        t = timesteps[:, j]
+        pred = predict(denoiser, x, t, cond, schedule)
+        if j + 1 < timesteps.shape[1]:
+            t_next = timesteps[:, j + 1]
+            x, h = dpmpp_2m_step(x, pred.x0, x0_prev, schedule.alpha(t), schedule.sigma(t), schedule.alpha(t_next),
+                                 schedule.sigma(t_next), h)
+            x0_prev = pred.x0
+    return pred.x0
+
+
+TARGET_SOLVERS = {"ddim": ddim_sample, "dpmpp": dpmpp_sample}  # flash's k-step teacher solver for its targets
 
 
 @torch.no_grad()

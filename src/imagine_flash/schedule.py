@@ -231,6 +231,21 @@ def ddim_step(x0_hat: torch.Tensor, eps_hat: torch.Tensor, alpha_prev, sigma_pre
     return bcast(alpha_prev, x0_hat) * x0_hat + bcast(sigma_prev, x0_hat) * eps_hat
 
 
+def dpmpp_2m_step(x_t: torch.Tensor, x0_hat: torch.Tensor, x0_prev: torch.Tensor | None, alpha_t, sigma_t, alpha_next,
+                  sigma_next, h_prev) -> tuple[torch.Tensor, torch.Tensor]:
+    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2): x' = (sigma'/sigma) x_t - alpha' (e^{-h} - 1) D with
+    h = lambda' - lambda, lambda = log(alpha/sigma), D = (1 + 1/2r) x0_hat - (1/2r) x0_prev, r = h_prev / h
+    (D = x0_hat, DDIM, where there is no previous step or r is not finite). Returns (x', h)."""
+    a, s, a2, s2 = (torch.as_tensor(v, dtype=torch.float64) for v in (alpha_t, sigma_t, alpha_next, sigma_next))
+    h = torch.log(a2 / s2) - torch.log(a / s)
+    d = x0_hat
+    if x0_prev is not None:
+        c = 0.5 * torch.as_tensor(h, dtype=torch.float64) / torch.as_tensor(h_prev, dtype=torch.float64)  # 1 / 2r
+        c = torch.where(torch.isfinite(c), c, torch.zeros_like(c))
+        d = x0_hat + bcast(c, x0_hat) * (x0_hat - x0_prev)
+    return bcast(s2 / s, x_t) * x_t - bcast(a2 * torch.expm1(-h), d) * d, h
+
+
 def noise_corrected_step(x0_hat: torch.Tensor, eps_hat: torch.Tensor, x_T: torch.Tensor, alpha_prev, sigma_prev,
                          is_first: bool | torch.Tensor) -> torch.Tensor:
     """Eq. 9, noise correction: at t = T the true noise x_T replaces eps_hat in the sigma term."""

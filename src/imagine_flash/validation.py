@@ -85,7 +85,7 @@ def distill_rules(T: int = 1000, flow: bool = False) -> dict[str, Rule]:
         "student_timesteps": student_ts, "noise_correction": ANY, "backward": ANY,
         "student_prediction": one_of("teacher", "sample", "v_prediction", "v_at_T"),
         "reconstruction": one_of("srl", "eq7", "srl+eq7", "none"),
-        "recon_weight": one_of("none", "snr"), "k": POSITIVE, "gamma_table": _gamma_table(T),
+        "recon_weight": one_of("none", "snr"), "k": POSITIVE, "target_solver": one_of("ddim", "dpmpp"), "gamma_table": _gamma_table(T),
         "recon_step_weights": items(float, at_least(0)), "guidance_scale": at_least(0),
         "embedded_guidance": at_least(0), "rollout_weights": one_of("live", "ema"),
         "lcm_ddim_timesteps": within(1, T, closed=True),

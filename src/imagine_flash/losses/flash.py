@@ -9,7 +9,7 @@ import torch
 from ..config import OptionError, student_prediction
 from ..denoisers import Cond, predict
 from ..rng import randint, randn
-from ..sampling import ddim_sample, rollout
+from ..sampling import TARGET_SOLVERS, ddim_sample, rollout
 from ..schedule import Schedule, q_sample, snr
 from .method import Method
 
@@ -50,8 +50,9 @@ def forward_input(x0: torch.Tensor, timesteps: Sequence[int], schedule: Schedule
 
 
 def srl_target(teacher, x0_student: torch.Tensor, t: torch.Tensor, cond: Cond, schedule: Schedule, k: int,
-               gen: torch.Generator, gamma_table) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eq. 8 target: chi = q(stopgrad(x0_hat_Theta), eps, gamma(t)), then k uniform teacher DDIM steps with CFG.
+               gen: torch.Generator, gamma_table, solve=ddim_sample) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 8 target: chi = q(stopgrad(x0_hat_Theta), eps, gamma(t)), then k uniform teacher steps with CFG (`solve`:
+    DDIM, or a sampler of TARGET_SOLVERS).
 
     Returns (x0_hat of the teacher at its last step, the teacher's timesteps (B, k)).
     """
@@ -60,20 +61,22 @@ def srl_target(teacher, x0_student: torch.Tensor, t: torch.Tensor, cond: Cond, s
     ts = schedule.uniform(t_shift, k)
     with torch.inference_mode():  # the teacher is the main cost: no autograd bookkeeping at all
         chi = q_sample(x0_student.detach(), eps, schedule.alpha(t_shift), schedule.sigma(t_shift))
-        target = ddim_sample(teacher, chi, cond, ts, schedule)
+        target = solve(teacher, chi, cond, ts, schedule)
     return target.clone(), ts  # clone: a normal tensor, usable in the autograd graph of the loss
 
 
-def eq7_target(teacher, x_t: torch.Tensor, t: torch.Tensor, cond: Cond, schedule: Schedule, k: int) -> torch.Tensor:
-    """Eq. 7 target (no shift): k uniform teacher DDIM steps with CFG from the student's own x_{T->t}."""
+def eq7_target(teacher, x_t: torch.Tensor, t: torch.Tensor, cond: Cond, schedule: Schedule, k: int,
+               solve=ddim_sample) -> torch.Tensor:
+    """Eq. 7 target (no shift): k uniform teacher steps (`solve`) with CFG from the student's own x_{T->t}."""
     ts = schedule.uniform(t, k)
     with torch.inference_mode():
-        target = ddim_sample(teacher, x_t, cond, ts, schedule)
+        target = solve(teacher, x_t, cond, ts, schedule)
     return target.clone()
 
 
 def srl_eq7_target(teacher, x0_student: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, last: torch.Tensor,
-                   cond: Cond, schedule: Schedule, k: int, gen: torch.Generator, gamma_table) -> torch.Tensor:
+                   cond: Cond, schedule: Schedule, k: int, gen: torch.Generator, gamma_table,
+                   solve=ddim_sample) -> torch.Tensor:
     """Eq. 8 where `last` (B,) is False, Eq. 7 where it is True, in one teacher pass: k uniform DDIM steps with CFG
     from chi = q(stopgrad(x0_hat), eps, gamma(t)) at gamma(t), or from the student's own x_{T->t} at t."""
     t_shift = schedule.gamma(t, gamma_table)
@@ -82,7 +85,7 @@ def srl_eq7_target(teacher, x0_student: torch.Tensor, x_t: torch.Tensor, t: torc
     with torch.inference_mode():
         chi = q_sample(x0_student.detach(), eps, schedule.alpha(t_shift), schedule.sigma(t_shift))
         chi = torch.where(last.reshape(-1, 1, 1, 1), x_t, chi)
-        target = ddim_sample(teacher, chi, cond, schedule.uniform(t_start, k), schedule)
+        target = solve(teacher, chi, cond, schedule.uniform(t_start, k), schedule)
     return target.clone()
 
 
@@ -103,12 +106,16 @@ class FlashLoss(Method):
     def __init__(self, schedule: Schedule, timesteps: Sequence[int], k: int = 8, backward: bool = True,
                  reconstruction: str = "srl", noise_correction: bool = True,
                  gamma_table=((900, 990), (500, 950), (-1, 200)), step_weights: Sequence[float] | None = None,
-                 all_steps: bool = False, recon_weight: str = "none", prediction_type: str | None = None):
+                 all_steps: bool = False, recon_weight: str = "none", prediction_type: str | None = None,
+                 target_solver: str = "ddim"):
         if reconstruction not in ("srl", "eq7", "srl+eq7", "none"):
             raise ValueError(f"reconstruction must be 'srl', 'eq7', 'srl+eq7' or 'none', not {reconstruction!r}")
         if recon_weight not in ("none", "snr"):
             raise ValueError(f"recon_weight must be 'none' or 'snr', not {recon_weight!r}")
         self.recon_weight = recon_weight
+        if target_solver not in TARGET_SOLVERS:
+            raise ValueError(f"target_solver must be one of {sorted(TARGET_SOLVERS)}, not {target_solver!r}")
+        self.solve = TARGET_SOLVERS[target_solver]
         if step_weights is not None and len(step_weights) != len(timesteps):
             raise ValueError(f"recon_step_weights has {len(step_weights)} weights for {len(timesteps)} student steps")
         self.step_weights = None if step_weights is None else torch.tensor([float(w) for w in step_weights])
@@ -138,7 +145,7 @@ class FlashLoss(Method):
         return cls(schedule, timesteps, k=cfg.k, backward=cfg.backward, reconstruction=cfg.reconstruction,
                    noise_correction=cfg.noise_correction, gamma_table=cfg.gamma_table,
                    step_weights=cfg.recon_step_weights, all_steps=all_steps, recon_weight=cfg.recon_weight,
-                   prediction_type=student_prediction(cfg))
+                   prediction_type=student_prediction(cfg), target_solver=cfg.target_solver)
 
     def image_need(self) -> str:
         return "backward=False (forward distillation noises real images; --set backward=true)"
@@ -156,13 +163,14 @@ class FlashLoss(Method):
         x0_hat = predict(student, inp.x_t, inp.t, cond, self.schedule).x0  # gradients flow only through this
         out = {"x0_student": x0_hat}
         if self.reconstruction == "srl":
-            target, _ = srl_target(teacher, x0_hat, inp.t, cond, self.schedule, self.k, gen, self.gamma_table)
+            target, _ = srl_target(teacher, x0_hat, inp.t, cond, self.schedule, self.k, gen, self.gamma_table,
+                                   self.solve)
         elif self.reconstruction == "eq7":
-            target = eq7_target(teacher, inp.x_t, inp.t, cond, self.schedule, self.k)
+            target = eq7_target(teacher, inp.x_t, inp.t, cond, self.schedule, self.k, self.solve)
         elif self.reconstruction == "srl+eq7":
             last = inp.step_index == len(self.timesteps) - 1
             target = srl_eq7_target(teacher, x0_hat, inp.x_t, inp.t, last, cond, self.schedule, self.k, gen,
-                                    self.gamma_table)
+                                    self.gamma_table, self.solve)
         else:
             return out
         out["recon"] = (target - x0_hat).square().flatten(1).mean(1)

@@ -42,6 +42,8 @@ class Method:
             raise OptionError("recon_step_weights", cfg.recon_step_weights, "only method flash takes them")
         if cfg.recon_weight != "none":
             raise OptionError("recon_weight", cfg.recon_weight, "only method flash takes it")
+        if cfg.target_solver != "ddim":
+            raise OptionError("target_solver", cfg.target_solver, "only method flash takes it")
         if cfg.student_prediction != "teacher":
             raise OptionError("student_prediction", cfg.student_prediction, "only method flash takes it")
 
