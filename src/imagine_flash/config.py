@@ -190,9 +190,10 @@ class DistillConfig:
     # sigma_t^2, the student's eps error: balances the steps; measured worse, FID 162 vs 62, docs/distill_default.md)
     k: int = 8  # teacher DDIM steps for the target (Euler steps on a flow path), the paper's 8. On the embedded teacher
     # with the srl+eq7 target: FID 46.0 / 46.4 (seeds 0 / 1) against k = 4's 50.2 / 49.7, for ~1.3x the training
-    # time; k = 2 gave 52.7 (docs/distill_default.md). --set k=4 is the faster choice
+    # time; k = 2 gave 52.7, k = 16 47.3 (docs/distill_default.md). --set k=4 is the faster choice
     target_solver: str = "ddim"  # flash: the teacher's solver for the k steps of each target: 'ddim' (Eq. 4, the
-    # paper's) or 'dpmpp' (DPM-Solver++(2M): second order, the same k teacher evaluations)
+    # paper's) or 'dpmpp' (DPM-Solver++(2M): second order, the same k teacher evaluations; FID 48.3 against 46.0,
+    # one seed, docs/distill_default.md)
     gamma_table: tuple = ((900, 990), (500, 950), (-1, 750))  # SRL gamma(t): (threshold, value), value if t > threshold
     # (a flow teacher: in units of sigma * T, on the shifted sigma). gamma(t <= 500) = 750, the paper's 200 measured
     # worse (docs/distill_default.md); configs/paper.yaml has the paper's table. With reconstruction='srl+eq7' the
