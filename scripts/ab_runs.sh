@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# A/B runs of the default job (`imagine-flash distill`, 600 updates, metrics.json at N = 500), two seeds each: every
+# A/B runs of the default job (`imagine-flash distill`: 200 updates for flash since 2026-12-05, 600 before; add
+# --max-steps 600 to reproduce the older results; metrics.json at N = 500), two seeds each: every
 # NAME=SETTINGS argument is run as OUT/NAME-seed0 and OUT/NAME-seed1 with those extra flags. The two seeds run side
 # by side, one thread each (the 2-core machine's best throughput); nothing else should run.
 #   bash scripts/ab_runs.sh runs/ab_ablations full= no-srl="--set variant=no-srl" no-disc="--set variant=no-disc"

@@ -1,6 +1,7 @@
 """The baselines as losses of the one loop (LCM, ADD, progressive): their math against hand computation and
 diffusers, and tiny end-to-end runs (train, export, sample with the method's own sampler, resume)."""
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -161,6 +162,19 @@ def test_method_defaults_do_not_override_the_user():
     assert cfg.student_steps == 4 and cfg.adv_weight == 0.4
     cfg = apply_method_defaults(DistillConfig(method="add", adv_weight=0.1), {"adv_weight"})
     assert cfg.adv_weight == 0.1
+
+
+def test_flash_trains_200_updates_by_default_and_the_user_and_presets_win():
+    """flash's METHODS budget (its best measured, 200 updates) applies unless set; the other methods keep 600, and the
+    presets of older results keep the 600 they were measured at."""
+    from imagine_flash.config import load_yaml
+
+    assert apply_method_defaults(DistillConfig()).max_steps == 200
+    assert all(apply_method_defaults(DistillConfig(method=m)).max_steps == 600 for m in ("lcm", "add", "progressive"))
+    assert apply_method_defaults(DistillConfig(max_steps=50), {"max_steps"}).max_steps == 50
+    root = Path(__file__).resolve().parents[1]
+    for preset in ("paper.yaml", "flash_16px.yaml"):
+        assert load_yaml(root / "configs" / preset)["max_steps"] == 600
 
 
 @pytest.fixture(scope="module")

@@ -324,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     bm.add_argument("--quick", action="store_true", help="the whole protocol at toy size (a smoke test, minutes)")
     bm.add_argument("--num-samples", type=int, help="generated images per row (default 2000)")
     bm.add_argument("--fid-reference", type=int, help="real test images for FID (default 10000: all)")
-    bm.add_argument("--train-steps", type=int, help="updates per distilled student (default: distill's default)")
+    bm.add_argument("--train-steps", type=int, help="updates of every distilled student at equal updates (default 600)")
     bm.add_argument("--batch", type=int, help="generation batch size (default 250)")
     bm.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     bm.add_argument("--teacher", help="teacher folder (default: the shipped teacher)")

@@ -150,7 +150,9 @@ VARIANTS = {  # paper Table 3 ablations as config switches
 
 
 METHODS = {  # the losses of the one loop, and the defaults each method changes (the user's settings win)
-    "flash": {},  # Imagine Flash: backward distillation + SRL + discriminator (this paper)
+    "flash": {"max_steps": 200},  # Imagine Flash: backward distillation + SRL + discriminator (this paper). 200
+    # updates: its best measured budget on the embedded teacher (FID 40.3 / 41.4, seeds 0 / 1, against 46.0 / 46.4
+    # at 600 and 42.6 / 46.2 at 300; docs/distill_default.md); LCM's is later (its 600)
     "lcm": {"adv_weight": 0.0},  # latent consistency distillation (Luo et al. 2023): no discriminator
     "add": {"student_steps": 4, "adv_weight": 0.4},  # ADD (Sauer et al. 2023) at 4 steps; L_adv + 2.5 L_distill
     "progressive": {"student_steps": 4, "adv_weight": 0.0},  # progressive distillation to 4 steps, no discriminator
@@ -217,7 +219,7 @@ class DistillConfig:
     disc_type: str = "unet"  # 'unet': the teacher U-Net's encoder (§5.1; SD3/FLUX: the transformer's first blocks,
     # frozen, with heads); 'projected': heads on frozen disc_features
     disc_features: str = "facebook/dinov2-small"  # projected: a transformers vision backbone (hub id or folder)
-    max_steps: int = 600  # student updates
+    max_steps: int = 600  # student updates (method flash: 200, its METHODS default)
     max_minutes: float = 0.0  # also stop once this many training minutes have passed, counted across resumes (0: no
     # time limit); for comparisons at equal training time (the benchmark's --minutes)
     ema_decay: float = 0.99  # EMA of the student; the exported student is the EMA
