@@ -226,6 +226,24 @@ def test_flow_rollout_and_srl_steps():
     torch.testing.assert_close(pred.x0, x0 - 0.5 * pred.v)
 
 
+def test_dpmpp_targets_on_the_flow_path():
+    """target_solver='dpmpp' on a flow teacher. From sigma = 1 (alpha = 0, lambda = -inf) its first step is first
+    order, which on the flow path is the Euler step, and its second has no finite r, so through 3 steps it equals
+    ddim_sample; from sigma = 0.99 its later steps are second order: finite, and not the Euler result."""
+    from imagine_flash.sampling import dpmpp_sample
+
+    sched = FlowSchedule({"num_train_timesteps": 1000})
+    den = Denoiser(_velocity_net(), sched)
+    cond = Cond(torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(1)))
+    x = torch.randn(2, 2, 4, 4, generator=torch.Generator().manual_seed(2))
+    from_one = sched.uniform(torch.tensor([1.0, 1.0]), 3)
+    torch.testing.assert_close(dpmpp_sample(den, x, cond, from_one, sched), ddim_sample(den, x, cond, from_one, sched))
+    later = sched.uniform(torch.tensor([0.99, 0.99]), 4)
+    second = dpmpp_sample(den, x, cond, later, sched)
+    assert torch.isfinite(second).all()
+    assert (second - ddim_sample(den, x, cond, later, sched)).abs().max() > 1e-4
+
+
 # --------------------------------------------------------------------------------------- the real pipelines
 
 @pytest.mark.slow

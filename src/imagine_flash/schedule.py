@@ -240,7 +240,7 @@ def dpmpp_2m_step(x_t: torch.Tensor, x0_hat: torch.Tensor, x0_prev: torch.Tensor
     h = torch.log(a2 / s2) - torch.log(a / s)
     d = x0_hat
     if x0_prev is not None:
-        c = 0.5 * torch.as_tensor(h, dtype=torch.float64) / torch.as_tensor(h_prev, dtype=torch.float64)  # 1 / 2r
+        c = 0.5 * h / h_prev  # 1 / 2r, float64 as h
         c = torch.where(torch.isfinite(c), c, torch.zeros_like(c))
         d = x0_hat + bcast(c, x0_hat) * (x0_hat - x0_prev)
     return bcast(s2 / s, x_t) * x_t - bcast(a2 * torch.expm1(-h), d) * d, h
