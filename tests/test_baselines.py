@@ -173,8 +173,23 @@ def test_flash_trains_200_updates_by_default_and_the_user_and_presets_win():
     assert all(apply_method_defaults(DistillConfig(method=m)).max_steps == 600 for m in ("lcm", "add", "progressive"))
     assert apply_method_defaults(DistillConfig(max_steps=50), {"max_steps"}).max_steps == 50
     root = Path(__file__).resolve().parents[1]
-    for preset in ("paper.yaml", "flash_16px.yaml"):
+    for preset in ("paper.yaml", "flash_16px.yaml", "flash_1step.yaml"):
         assert load_yaml(root / "configs" / preset)["max_steps"] == 600
+
+
+def test_the_benchmarks_one_step_flash_student_is_the_one_step_preset():
+    """flash-1 in the benchmark trains configs/flash_1step.yaml's v-predicting student (at the protocol's budget); the
+    other students take their method's defaults."""
+    from imagine_flash.benchmark import STUDENTS, BenchmarkConfig, _student_config
+    from imagine_flash.config import load_yaml
+
+    preset = load_yaml(Path(__file__).resolve().parents[1] / "configs" / "flash_1step.yaml")
+    spec = {key: rest for key, *rest in STUDENTS}
+    cfg = BenchmarkConfig()
+    one = _student_config(cfg, *spec["flash-1"], Path("unused"))
+    assert (one.student_steps, one.student_prediction, one.max_steps) == (1, preset["student_prediction"], 600)
+    three = _student_config(cfg, *spec["flash-3"], Path("unused"))
+    assert (three.student_steps, three.student_prediction, three.max_steps) == (3, "teacher", 600)
 
 
 @pytest.fixture(scope="module")

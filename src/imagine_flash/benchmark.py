@@ -52,18 +52,20 @@ def quick_config(out: str) -> BenchmarkConfig:
                                               "log_every": 1, "lcm_ddim_timesteps": 50})
 
 
-# (key, method, variant, student steps trained): the students the protocol needs.
+# (key, method, variant, student steps trained, DistillConfig fields): the students the protocol needs. flash-1 is
+# the one-step recipe of configs/flash_1step.yaml, a v-predicting student (FID 109-111 against the eps student's 171,
+# docs/distill_default.md); its budget is the protocol's train_steps like every other row's.
 STUDENTS = [
-    ("progressive-4", "progressive", "full", 4),
-    ("lcm", "lcm", "full", 3),
-    ("add-4", "add", "full", 4),
-    ("flash-1", "flash", "full", 1),
-    ("flash-2", "flash", "full", 2),
-    ("flash-3", "flash", "full", 3),
-    ("flash-3-no-nc", "flash", "no-nc", 3),
-    ("flash-3-no-disc", "flash", "no-disc", 3),
-    ("flash-3-no-backward", "flash", "no-backward", 3),
-    ("flash-3-no-srl", "flash", "no-srl", 3),
+    ("progressive-4", "progressive", "full", 4, {}),
+    ("lcm", "lcm", "full", 3, {}),
+    ("add-4", "add", "full", 4, {}),
+    ("flash-1", "flash", "full", 1, {"student_prediction": "v_prediction"}),
+    ("flash-2", "flash", "full", 2, {}),
+    ("flash-3", "flash", "full", 3, {}),
+    ("flash-3-no-nc", "flash", "no-nc", 3, {}),
+    ("flash-3-no-disc", "flash", "no-disc", 3, {}),
+    ("flash-3-no-backward", "flash", "no-backward", 3, {}),
+    ("flash-3-no-srl", "flash", "no-srl", 3, {}),
 ]
 
 
@@ -92,7 +94,7 @@ ROWS = ([Row("teacher-dpmpp", 25)] + [Row("teacher-dpmpp", n) for n in (1, 2, 3,
 
 def clock_rows(cfg: BenchmarkConfig) -> list[Row]:
     """The equal-time rows: every clock_students student at its trained steps, at every mark of cfg.minutes."""
-    spec = {key: (method, steps) for key, method, _, steps in STUDENTS}
+    spec = {key: (method, steps) for key, method, _, steps, _ in STUDENTS}
     for key in cfg.clock_students:
         if key not in spec or spec[key][0] == "progressive":
             from .config import ConfigError
@@ -110,10 +112,10 @@ def protocol_rows(cfg: BenchmarkConfig) -> list[Row]:
     return ROWS + (clock_rows(cfg) if cfg.part == "all" else [])
 
 
-def _student_config(cfg: BenchmarkConfig, method: str, variant: str, steps: int, run: Path):
+def _student_config(cfg: BenchmarkConfig, method: str, variant: str, steps: int, fields: dict, run: Path):
     from .config import DistillConfig, apply_method_defaults, resolve_variant
 
-    dc = apply_method_defaults(DistillConfig(method=method), {"student_steps"})
+    dc = apply_method_defaults(DistillConfig(method=method, **fields), {"student_steps", *fields})
     dc.out, dc.variant, dc.student_steps, dc.seed = str(run), variant, steps, cfg.seed
     dc.eval_samples, dc.threads, dc.teacher = 0, cfg.threads, cfg.teacher
     if cfg.train_steps is not None:
@@ -135,15 +137,15 @@ def train_students(cfg: BenchmarkConfig) -> dict[str, dict]:
     from .train import distill
 
     out = {}
-    for key, method, variant, steps in STUDENTS if cfg.part != "minutes" else []:
+    for key, method, variant, steps, fields in STUDENTS if cfg.part != "minutes" else []:
         run = Path(cfg.out) / "students" / key
         if not _finished(run):
-            dc = _student_config(cfg, method, variant, steps, run)
+            dc = _student_config(cfg, method, variant, steps, fields, run)
             print(f"benchmark: training {key} ({method}, {variant}, {steps} steps, {dc.max_steps} updates)", flush=True)
             distill(dc, resume=True)
         done = json.loads((run / "train.json").read_text())
         out[key] = {"path": run / "student", "train_minutes": done["train_minutes"], "steps": done["steps"]}
-    spec = {key: (method, variant, steps) for key, method, variant, steps in STUDENTS}
+    spec = {key: (method, variant, steps, fields) for key, method, variant, steps, fields in STUDENTS}
     for row in clock_rows(cfg) if cfg.part != "updates" else []:
         run = Path(cfg.out) / "students" / f"{row.student}-clock"
         snap = run / f"at-{row.minutes:g}min"
