@@ -317,7 +317,9 @@ CHOICES = """\
 - **Progressive** (`losses/progressive.py`): 3 equal stages 32 → 16 → 8 → 4 steps within the same budget; stage 0's
   teacher is the real teacher with CFG (guidance distillation folded into the first halving); later stages use the
   frozen EMA student of the previous stage; truncated-SNR weighting. Sampled with DDIM at 4 trailing timesteps.
-- **Flash**: the defaults of `imagine-flash distill` (paper §4–5; see docs/distill_default.md).
+- **Flash**: the defaults of `imagine-flash distill` (paper §4–5; see docs/distill_default.md), at the protocol's
+  number of updates; the 1-step student is `configs/flash_1step.yaml`'s, a v-predicting student (at t = T an
+  ε student's x̂0 is ill-conditioned, §4.3).
 """
 
 
