@@ -185,7 +185,7 @@ class DistillConfig:
     # eps output's x0_hat = (x_T - sigma eps_hat) / alpha multiplies its errors by sigma/alpha = 14.6; x0 and v are
     # well conditioned there, but the teacher's weights output eps, so the student must first learn the new output.
     # Measured (docs/distill_default.md): 1 step, v FID 108.9 against eps 170.5; 3 steps, all v 80.1 against 50.2.
-    # A new output needs --max-steps 600: after flash's default 200 updates a 1-step v student is still noise (255)
+    # A new output needs 600 updates (configs/flash_1step.yaml): after flash's default 200 a 1-step v student is noise
     reconstruction: str = "srl+eq7"  # 'srl+eq7' (Eq. 8, but Eq. 7 for the last student step: on the embedded teacher
     # FID 49.9 against srl's 59.3 and Inception recall 0.51 against 0.19, two seeds each, docs/distill_default.md),
     # 'srl' (Eq. 8 at every step, the paper's), 'eq7' (Eq. 7, no shift) or 'none'
