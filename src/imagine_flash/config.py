@@ -212,8 +212,8 @@ class DistillConfig:
     lr: float = 1e-4  # student Adam learning rate (measured against 2e-4, see docs/distill_default.md)
     adam_betas: tuple = (0.9, 0.999)  # student Adam betas
     adv_weight: float = 0.05  # weight of the adversarial generator term (0 turns the discriminator off). The
-    # discriminator costs class accuracy: 0.02 gave +1.3 points of it for +1.8 FID; it is also what makes flash
-    # worsen after ~200 updates (0.05: +3.5 FID by 300, 0.02: +0.7, 0: +0.5; docs/distill_default.md)
+    # discriminator costs class accuracy: 0.02 gave +1.3 points of it for +1.8 FID; it is also most of what makes
+    # flash worsen after ~200 updates (0.05: +3.5 FID by 300, 0.02: +0.7, 0: +0.5; docs/distill_default.md)
     disc_lr: float = 1e-4  # discriminator Adam learning rate (paper: 1e-4; 4e-4 measured worse, see docs/)
     disc_betas: tuple = (0.0, 0.99)  # discriminator Adam betas
     disc_t_max: int = 500  # real and fake are re-noised to t_d ~ U[0, disc_t_max] before the discriminator (a flow
