@@ -271,6 +271,24 @@ def test_projected_discriminator_trains_heads_on_a_frozen_backbone(tmp_path, tin
     assert changed  # the heads trained
 
 
+@needs_data
+@pytest.mark.slow
+def test_frozen_unet_discriminator_trains_only_its_heads(tmp_path, tiny_teacher, small_data):
+    """disc_type=unet-frozen: after two updates the encoder is still the teacher's, the heads have learned."""
+    from imagine_flash.train import distill
+
+    distill(_cfg(tmp_path / "run", tiny_teacher, max_steps=2, disc_type="unet-frozen"), dataset=small_data)
+    disc = load_file(latest(tmp_path / "run") / "disc.safetensors")
+    teacher = load_file(tiny_teacher / "unet" / "diffusion_pytorch_model.safetensors")
+    enc = {k[4:]: v for k, v in disc.items() if k.startswith("enc.")}
+    assert enc and all(torch.equal(v, teacher[k].float()) for k, v in enc.items())
+    torch.manual_seed(0)  # the heads' init: the run's seed
+    from imagine_flash.losses.discriminator import UNetEncoderDiscriminator
+    from imagine_flash.models import build_unet
+    fresh = UNetEncoderDiscriminator(build_unet("micro", 16), frozen_trunk=True).heads.state_dict()
+    assert any(not torch.equal(v, disc[f"heads.{k}"]) for k, v in fresh.items())  # the heads trained
+
+
 def test_projected_discriminator_missing_backbone_is_one_line(tmp_path, tiny_teacher, capsys):
     rc = main(["distill", "--teacher", str(tiny_teacher), "--max-steps", "1", "--eval-samples", "0",
                "--out", str(tmp_path / "r"), "--set", "disc_type=projected", "--set", "disc_features=no/such-dino",

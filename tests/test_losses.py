@@ -214,6 +214,28 @@ def test_hinge_losses_by_hand():
     torch.testing.assert_close(adv.generator(disc, fake, None, g), -d_fake)
 
 
+def test_approx_r1_by_hand():
+    """disc_r1: r1 * (D(x_real) - D(x_real + sigma n))^2 added per sample, n drawn after the hinge's own noise;
+    r1 = 0 draws nothing more (the default's random stream is unchanged)."""
+    from imagine_flash.losses.discriminator import HingeAdversarial
+
+    disc = lambda x, t, c: x.square().flatten(1).sum(1)  # nonlinear: the difference depends on x
+    real, fake = torch.full((2, 1, 2, 2), 0.3), torch.full((2, 1, 2, 2), -0.05)
+    g0 = torch.Generator().manual_seed(0)
+    plain = HingeAdversarial(S, t_max=0).discriminator(disc, real, fake, None, None, g0)
+    d = HingeAdversarial(S, t_max=0, r1=100.0, r1_sigma=0.1).discriminator(disc, real, fake, None, None,
+                                                                            torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    torch.randint(0, 1, (2,), generator=g)
+    eps = torch.randn((2, 1, 2, 2), generator=g)
+    assert torch.equal(g0.get_state(), g.get_state())  # r1 = 0: no further draw
+    n = torch.randn((2, 1, 2, 2), generator=g)
+    x_real = math.sqrt(abar(0)) * real + math.sqrt(1 - abar(0)) * eps
+    d_r1 = (x_real.square().flatten(1).sum(1) - (x_real + 0.1 * n).square().flatten(1).sum(1)).square()
+    torch.testing.assert_close(d, plain + 100.0 * d_r1)
+    assert (d_r1 > 0).all()
+
+
 def test_srl_eq7_uses_eq7_at_the_last_step_and_srl_elsewhere():
     """reconstruction='srl+eq7': per sample, the Eq. 7 value at the last student step, the Eq. 8 value elsewhere.
 

@@ -218,9 +218,13 @@ class DistillConfig:
     disc_betas: tuple = (0.0, 0.99)  # discriminator Adam betas
     disc_t_max: int = 500  # real and fake are re-noised to t_d ~ U[0, disc_t_max] before the discriminator (a flow
     # teacher: sigma ~ U[0, disc_t_max / T])
+    disc_r1: float = 0.0  # weight of the approximated R1 penalty on real inputs (APT: (D(x) - D(x + sigma n))^2,
+    # its 100); 0: none, the paper's
+    disc_r1_sigma: float = 0.01  # the perturbation's std for disc_r1 (APT's 0.01), in the discriminator's input units
     disc_warmup: int = 0  # steps before the adversarial term enters the generator loss
-    disc_type: str = "unet"  # 'unet': the teacher U-Net's encoder (§5.1; SD3/FLUX: the transformer's first blocks,
-    # frozen, with heads); 'projected': heads on frozen disc_features
+    disc_type: str = "unet"  # 'unet': the teacher U-Net's encoder, trained (§5.1; SD3/FLUX: the transformer's first
+    # blocks, frozen, with heads); 'unet-frozen': that encoder frozen, heads only (the teacher's features, as LADD);
+    # 'projected': heads on frozen disc_features
     disc_features: str = "facebook/dinov2-small"  # projected: a transformers vision backbone (hub id or folder)
     max_steps: int = 600  # student updates (method flash: 200, its METHODS default)
     max_minutes: float = 0.0  # also stop once this many training minutes have passed, counted across resumes (0: no

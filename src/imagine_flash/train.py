@@ -166,7 +166,7 @@ def build_run(cfg: DistillConfig, resume: bool = False, teacher_bundle=None, dat
         save_config(cfg, run / "config.json")
     # Discriminator (a float32 copy of the teacher's encoder, taken before a LoRA student changes that UNet), student
     # (a copy of the teacher, or LoRA on it), EMA, optimisers.
-    adv = HingeAdversarial(schedule, cfg.disc_t_max) if cfg.adv_weight > 0 else None
+    adv = HingeAdversarial(schedule, cfg.disc_t_max, cfg.disc_r1, cfg.disc_r1_sigma) if cfg.adv_weight > 0 else None
     with torch.random.fork_rng(devices=[]):  # the heads' and LoRA's init depend on the seed only
         torch.manual_seed(cfg.seed)
         disc = _build_discriminator(cfg, teacher_unet, text, encoder).to(backend.device) if adv else None
@@ -356,20 +356,20 @@ class _Log:
 
 def _build_discriminator(cfg: DistillConfig, teacher_unet, text, encoder) -> torch.nn.Module:
     """cfg.disc_type: 'unet' (the teacher U-Net's encoder, §5.1; for an SD3/FLUX teacher its transformer's first
-    blocks) or 'projected' (frozen cfg.disc_features)."""
+    blocks, frozen), 'unet-frozen' (that encoder frozen, heads only) or 'projected' (frozen cfg.disc_features)."""
     from .denoisers import net_kind
     from .losses.discriminator import TransformerDiscriminator, UNetEncoderDiscriminator
 
-    if cfg.disc_type == "unet" and net_kind(teacher_unet) in ("sd3", "flux"):  # 'unet': the teacher's own trunk
+    if cfg.disc_type.startswith("unet") and net_kind(teacher_unet) in ("sd3", "flux"):  # the teacher's own trunk
         return TransformerDiscriminator(teacher_unet)
-    if cfg.disc_type == "unet":
-        return UNetEncoderDiscriminator(teacher_unet)
+    if cfg.disc_type.startswith("unet"):
+        return UNetEncoderDiscriminator(teacher_unet, frozen_trunk=cfg.disc_type == "unet-frozen")
     if cfg.disc_type == "projected":
         from .losses.projected import ProjectedDiscriminator, load_feature_network
         dim = text([""]).hidden.shape[-1]
         decode = None if isinstance(encoder, PixelEncoder) else encoder.decode
         return ProjectedDiscriminator(load_feature_network(cfg.disc_features), dim, decode=decode)
-    raise ConfigError(f"disc_type={cfg.disc_type!r}: use 'unet' or 'projected'")
+    raise ConfigError(f"disc_type={cfg.disc_type!r}: use 'unet', 'unet-frozen' or 'projected'")
 
 
 def _grid_prompts(dataset) -> list[str]:

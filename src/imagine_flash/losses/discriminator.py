@@ -15,12 +15,13 @@ class UNetEncoderDiscriminator(nn.Module):
     """The teacher UNet's encoder (conv_in, time embedding, down blocks, mid block; weights copied, trainable) with a
     light conv head on every down-block output and on the mid block. Timestep- and text-conditioned.
 
-    Returns a per-sample logit: the mean of each head's patch logits, summed over heads.
+    Returns a per-sample logit: the mean of each head's patch logits, summed over heads. frozen_trunk: the encoder
+    stays the teacher's and only the heads train (the teacher's features as a projected discriminator, as LADD).
     """
 
-    def __init__(self, unet: nn.Module, head_channels: int = 64):
+    def __init__(self, unet: nn.Module, head_channels: int = 64, frozen_trunk: bool = False):
         super().__init__()
-        enc = copy.deepcopy(getattr(unet, "module", unet)).float().requires_grad_(True)
+        enc = copy.deepcopy(getattr(unet, "module", unet)).float().requires_grad_(not frozen_trunk)
         enc.up_blocks = nn.ModuleList()  # the decoder half is not used
         enc.conv_norm_out = enc.conv_act = enc.conv_out = None
         self.enc = enc
@@ -108,11 +109,20 @@ class TransformerDiscriminator(nn.Module):
         return logit  # (B,)
 
 
-class HingeAdversarial:
-    """Hinge GAN loss on samples re-noised to a random t_d in [0, t_max] (the same t_d and noise for real and fake)."""
+def approx_r1(d_real: torch.Tensor, d_perturbed: torch.Tensor) -> torch.Tensor:
+    """Approximated R1 (APT, Lin et al. 2025, Eq. 4): (D(x) - D(x + sigma n))^2 on real x, per sample (B,)."""
+    return (d_real - d_perturbed).square()
 
-    def __init__(self, schedule: Schedule, t_max: int = 500):
-        self.schedule, self.t_max = schedule, t_max
+
+class HingeAdversarial:
+    """Hinge GAN loss on samples re-noised to a random t_d in [0, t_max] (the same t_d and noise for real and fake).
+
+    r1 > 0 adds r1 * approx_r1 on the real inputs, perturbed by r1_sigma * n: a finite-difference stand-in for the
+    R1 gradient penalty (Mescheder et al. 2018) that needs no double backward through the discriminator.
+    """
+
+    def __init__(self, schedule: Schedule, t_max: int = 500, r1: float = 0.0, r1_sigma: float = 0.01):
+        self.schedule, self.t_max, self.r1, self.r1_sigma = schedule, t_max, r1, r1_sigma
 
     def _noised(self, x0: torch.Tensor, gen: torch.Generator):
         B = x0.shape[0]
@@ -128,10 +138,15 @@ class HingeAdversarial:
 
     def discriminator(self, disc, x0_real: torch.Tensor, x0_fake: torch.Tensor, cond_real: Cond, cond_fake: Cond,
                       gen: torch.Generator) -> torch.Tensor:
-        """Discriminator hinge loss: relu(1 - D(real)) + relu(1 + D(fake)). Per sample (B,)."""
+        """Discriminator hinge loss: relu(1 - D(real)) + relu(1 + D(fake)) (+ r1 * approx_r1). Per sample (B,)."""
         t_d, eps = self._noised(x0_real, gen)
         a, s = self.schedule.alpha(t_d), self.schedule.sigma(t_d)
         t_net = self.schedule.net_t(t_d)  # the network's timestep input (sigma * T on a flow path)
-        d_real = disc(q_sample(x0_real, eps, a, s), t_net, cond_real)
+        x_real = q_sample(x0_real, eps, a, s)
+        d_real = disc(x_real, t_net, cond_real)
         d_fake = disc(q_sample(x0_fake.detach(), eps, a, s), t_net, cond_fake)
-        return torch.relu(1 - d_real) + torch.relu(1 + d_fake)
+        loss = torch.relu(1 - d_real) + torch.relu(1 + d_fake)
+        if self.r1 > 0:  # drawn only then: runs without it keep their random stream
+            n = randn(x0_real.shape, gen).to(x0_real)
+            loss = loss + self.r1 * approx_r1(d_real, disc(x_real + self.r1_sigma * n, t_net, cond_real))
+        return loss
