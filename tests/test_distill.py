@@ -62,8 +62,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_teacher, s
     real_step = train.generator_step
 
     def nan_step(*a, **kw):  # a loss that turns NaN, as a diverging run's would
-        total, parts, x0 = real_step(*a, **kw)
-        return total * float("nan"), parts, x0
+        total, parts, x0, w = real_step(*a, **kw)
+        return total * float("nan"), parts, x0, w
 
     monkeypatch.setattr(train, "generator_step", nan_step)
     with pytest.raises(NonFiniteLoss, match="last good checkpoint"):
@@ -238,7 +238,7 @@ def test_generator_step_leaves_the_discriminator_gradients_alone():
             return disc_fn(x, t, c)
 
     m = Models(student=student, rollout=student, teacher=student, ema=None, schedule=S, disc=DiscModule())
-    loss, _, _ = generator_step(Method(), m, torch.randn(2, 3, 2, 2), None, torch.Generator().manual_seed(0),
+    loss, _, _, _ = generator_step(Method(), m, torch.randn(2, 3, 2, 2), None, torch.Generator().manual_seed(0),
                                 HingeAdversarial(S), 1.0)
     loss.backward()
     assert w.grad is not None and w.grad != 0
@@ -273,11 +273,14 @@ def test_projected_discriminator_trains_heads_on_a_frozen_backbone(tmp_path, tin
 
 @needs_data
 @pytest.mark.slow
-def test_frozen_unet_discriminator_trains_only_its_heads(tmp_path, tiny_teacher, small_data):
-    """disc_type=unet-frozen: after two updates the encoder is still the teacher's, the heads have learned."""
+@pytest.mark.parametrize("last", [False, True])
+def test_frozen_unet_discriminator_trains_only_its_heads(tmp_path, tiny_teacher, small_data, last):
+    """disc_type=unet-frozen: after two updates the encoder is still the teacher's, the heads have learned (also
+    when the discriminator sees the last student step's samples only, adv_last_step)."""
     from imagine_flash.train import distill
 
-    distill(_cfg(tmp_path / "run", tiny_teacher, max_steps=2, disc_type="unet-frozen"), dataset=small_data)
+    distill(_cfg(tmp_path / "run", tiny_teacher, max_steps=2, disc_type="unet-frozen", adv_last_step=last,
+                 batch_size=8), dataset=small_data)
     disc = load_file(latest(tmp_path / "run") / "disc.safetensors")
     teacher = load_file(tiny_teacher / "unet" / "diffusion_pytorch_model.safetensors")
     enc = {k[4:]: v for k, v in disc.items() if k.startswith("enc.")}

@@ -236,6 +236,30 @@ def test_approx_r1_by_hand():
     assert (d_r1 > 0).all()
 
 
+def test_adv_last_step_weights_only_the_last_steps_samples():
+    """adv_last_step: per-sample adversarial weights 1 / (share of last-step samples) there, 0 elsewhere (mean 1),
+    and the discriminator's fake term weighted by them."""
+    from imagine_flash.losses.discriminator import HingeAdversarial
+
+    B = 16
+    st = Denoiser(lambda x, t, c: 0.5 * x, S)
+    out = call(FlashLoss(S, [999, 666, 333], k=1, reconstruction="srl+eq7", adv_last_step=True), st, st, st,
+               torch.zeros(B, 3, 2, 2), cond_of(B), torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    torch.randn((B, 3, 2, 2), generator=g)
+    last = torch.randint(0, 3, (B,), generator=g) == 2
+    assert 0 < last.sum() < B
+    torch.testing.assert_close(out["adv_weight"], last.float() * B / last.sum())
+    disc = lambda x, t, c: x.flatten(1).mean(1) * 10
+    real, fake = torch.full((B, 1, 2, 2), 0.3), torch.full((B, 1, 2, 2), -0.05)
+    adv = HingeAdversarial(S, t_max=0)
+    plain = adv.discriminator(disc, real, fake, None, None, torch.Generator().manual_seed(0))
+    only_real = adv.discriminator(disc, real, torch.full_like(fake, -1e3), None, None, torch.Generator().manual_seed(0))
+    w = out["adv_weight"]
+    torch.testing.assert_close(adv.discriminator(disc, real, fake, None, None, torch.Generator().manual_seed(0), w),
+                               only_real + w * (plain - only_real))
+
+
 def test_srl_eq7_uses_eq7_at_the_last_step_and_srl_elsewhere():
     """reconstruction='srl+eq7': per sample, the Eq. 7 value at the last student step, the Eq. 8 value elsewhere.
 

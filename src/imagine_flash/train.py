@@ -60,22 +60,24 @@ def generator_step(method, models: Models, x0_real, cond, gen, adv, adv_weight: 
     if "recon" in out:
         losses["recon"] = out["recon"].mean()
         total = total + losses["recon"]
+    w = out.get("adv_weight")  # (B,) a method's per-sample weights of the adversarial term (mean 1), or None
     if adv is not None and adv_weight > 0:
         disc = getattr(models.disc, "module", models.disc)  # the bare module: no DDP gradient hooks here
         flags = [p.requires_grad for p in disc.parameters()]
         disc.requires_grad_(False)
         try:
-            losses["adv_g"] = adv.generator(disc, out["x0_student"], cond, gen).mean()
+            g = adv.generator(disc, out["x0_student"], cond, gen)
+            losses["adv_g"] = (g if w is None else g * w).mean()
         finally:
             for p, f in zip(disc.parameters(), flags):
                 p.requires_grad_(f)
         total = total + adv_weight * losses["adv_g"]
-    return total, {k: v.detach() for k, v in losses.items()}, out["x0_student"].detach()
+    return total, {k: v.detach() for k, v in losses.items()}, out["x0_student"].detach(), w
 
 
-def discriminator_step(adv, disc, x0_real, x0_fake, cond, gen):
-    """Discriminator hinge loss on real data against the student's detached x0_hat."""
-    return adv.discriminator(disc, x0_real, x0_fake, cond, cond, gen).mean()
+def discriminator_step(adv, disc, x0_real, x0_fake, cond, gen, fake_weight=None):
+    """Discriminator hinge loss on real data against the student's detached x0_hat (fakes weighted per sample)."""
+    return adv.discriminator(disc, x0_real, x0_fake, cond, cond, gen, fake_weight).mean()
 
 
 def check_prompts_only(cfg: DistillConfig, method: Method) -> None:
@@ -241,18 +243,19 @@ def train_loop(run: Run) -> tuple[int, float, dict]:
             gen = step_generator(cfg.seed, step, shard, n_shards)
             x0_real, cond = _micro_batch(run, step, shard, n_shards)
             with backend.micro_batch(run.student, m):  # DDP all-reduces once, on the last micro-batch
-                loss_g, parts, x0_fake = generator_step(method, models, x0_real, cond, gen, use_adv, cfg.adv_weight)
+                loss_g, parts, x0_fake, w = generator_step(method, models, x0_real, cond, gen, use_adv,
+                                                           cfg.adv_weight)
                 backend.backward(run.student, loss_g, m)
             bad |= ~torch.isfinite(loss_g.detach())
-            micro.append((x0_real, x0_fake, cond, gen))
+            micro.append((x0_real, x0_fake, cond, gen, w))
             for k, v in {**parts, "loss": loss_g.detach()}.items():
                 sums[k] = sums.get(k, 0.0) + v / backend.accum
         backend.update(run.student, run.opt_g, cfg.grad_clip)
         # Discriminator update on the same micro-batches (real data against the student's detached x0_hat).
         if run.disc is not None:
-            for m, (x0_real, x0_fake, cond, gen) in enumerate(micro):
+            for m, (x0_real, x0_fake, cond, gen, w) in enumerate(micro):
                 with backend.micro_batch(run.disc, m):
-                    loss_d = discriminator_step(run.adv, run.disc, x0_real, x0_fake, cond, gen)
+                    loss_d = discriminator_step(run.adv, run.disc, x0_real, x0_fake, cond, gen, w)
                     backend.backward(run.disc, loss_d, m)
                 bad |= ~torch.isfinite(loss_d.detach())
                 sums["disc"] = sums.get("disc", 0.0) + loss_d.detach() / backend.accum

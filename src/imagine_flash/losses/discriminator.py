@@ -137,15 +137,16 @@ class HingeAdversarial:
         return -disc(x, self.schedule.net_t(t_d), cond)
 
     def discriminator(self, disc, x0_real: torch.Tensor, x0_fake: torch.Tensor, cond_real: Cond, cond_fake: Cond,
-                      gen: torch.Generator) -> torch.Tensor:
-        """Discriminator hinge loss: relu(1 - D(real)) + relu(1 + D(fake)) (+ r1 * approx_r1). Per sample (B,)."""
+                      gen: torch.Generator, fake_weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Discriminator hinge loss: relu(1 - D(real)) + w relu(1 + D(fake)) (+ r1 * approx_r1). Per sample (B,)."""
         t_d, eps = self._noised(x0_real, gen)
         a, s = self.schedule.alpha(t_d), self.schedule.sigma(t_d)
         t_net = self.schedule.net_t(t_d)  # the network's timestep input (sigma * T on a flow path)
         x_real = q_sample(x0_real, eps, a, s)
         d_real = disc(x_real, t_net, cond_real)
         d_fake = disc(q_sample(x0_fake.detach(), eps, a, s), t_net, cond_fake)
-        loss = torch.relu(1 - d_real) + torch.relu(1 + d_fake)
+        loss_fake = torch.relu(1 + d_fake)
+        loss = torch.relu(1 - d_real) + (loss_fake if fake_weight is None else fake_weight * loss_fake)
         if self.r1 > 0:  # drawn only then: runs without it keep their random stream
             n = randn(x0_real.shape, gen).to(x0_real)
             loss = loss + self.r1 * approx_r1(d_real, disc(x_real + self.r1_sigma * n, t_net, cond_real))

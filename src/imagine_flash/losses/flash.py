@@ -107,7 +107,8 @@ class FlashLoss(Method):
                  reconstruction: str = "srl", noise_correction: bool = True,
                  gamma_table=((900, 990), (500, 950), (-1, 200)), step_weights: Sequence[float] | None = None,
                  all_steps: bool = False, recon_weight: str = "none", prediction_type: str | None = None,
-                 target_solver: str = "ddim"):
+                 target_solver: str = "ddim", adv_last_step: bool = False):
+        self.adv_last_step = adv_last_step
         if reconstruction not in ("srl", "eq7", "srl+eq7", "none"):
             raise ValueError(f"reconstruction must be 'srl', 'eq7', 'srl+eq7' or 'none', not {reconstruction!r}")
         if recon_weight not in ("none", "snr"):
@@ -145,7 +146,8 @@ class FlashLoss(Method):
         return cls(schedule, timesteps, k=cfg.k, backward=cfg.backward, reconstruction=cfg.reconstruction,
                    noise_correction=cfg.noise_correction, gamma_table=cfg.gamma_table,
                    step_weights=cfg.recon_step_weights, all_steps=all_steps, recon_weight=cfg.recon_weight,
-                   prediction_type=student_prediction(cfg), target_solver=cfg.target_solver)
+                   prediction_type=student_prediction(cfg), target_solver=cfg.target_solver,
+                   adv_last_step=cfg.adv_last_step)
 
     def image_need(self) -> str:
         return "backward=False (forward distillation noises real images; --set backward=true)"
@@ -162,6 +164,9 @@ class FlashLoss(Method):
         inp = self.student_input(models.rollout, x0_real, cond, gen)
         x0_hat = predict(student, inp.x_t, inp.t, cond, self.schedule).x0  # gradients flow only through this
         out = {"x0_student": x0_hat}
+        if self.adv_last_step:  # the discriminator judges (and learns from) the last step's x0_hat only
+            last = (inp.step_index == len(self.timesteps) - 1).to(x0_hat)
+            out["adv_weight"] = last / last.mean().clamp_min(1 / len(last))
         if self.reconstruction == "srl":
             target, _ = srl_target(teacher, x0_hat, inp.t, cond, self.schedule, self.k, gen, self.gamma_table,
                                    self.solve)
