@@ -236,20 +236,20 @@ def test_approx_r1_by_hand():
     assert (d_r1 > 0).all()
 
 
-def test_adv_last_step_weights_only_the_last_steps_samples():
-    """adv_last_step: per-sample adversarial weights 1 / (share of last-step samples) there, 0 elsewhere (mean 1),
-    and the discriminator's fake term weighted by them."""
+def test_adv_step_weights_weigh_each_sample_by_its_step():
+    """adv_step_weights: per-sample adversarial weights by the sample's student step, and the discriminator's fake
+    term weighted by them."""
     from imagine_flash.losses.discriminator import HingeAdversarial
 
     B = 16
     st = Denoiser(lambda x, t, c: 0.5 * x, S)
-    out = call(FlashLoss(S, [999, 666, 333], k=1, reconstruction="srl+eq7", adv_last_step=True), st, st, st,
+    out = call(FlashLoss(S, [999, 666, 333], k=1, reconstruction="srl+eq7", adv_step_weights=[0.5, 0, 2]), st, st, st,
                torch.zeros(B, 3, 2, 2), cond_of(B), torch.Generator().manual_seed(3))
     g = torch.Generator().manual_seed(3)
     torch.randn((B, 3, 2, 2), generator=g)
-    last = torch.randint(0, 3, (B,), generator=g) == 2
-    assert 0 < last.sum() < B
-    torch.testing.assert_close(out["adv_weight"], last.float() * B / last.sum())
+    i = torch.randint(0, 3, (B,), generator=g)
+    assert set(i.tolist()) == {0, 1, 2}
+    torch.testing.assert_close(out["adv_weight"], torch.tensor([0.5, 0.0, 2.0])[i])
     disc = lambda x, t, c: x.flatten(1).mean(1) * 10
     real, fake = torch.full((B, 1, 2, 2), 0.3), torch.full((B, 1, 2, 2), -0.05)
     adv = HingeAdversarial(S, t_max=0)

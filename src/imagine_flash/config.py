@@ -218,8 +218,8 @@ class DistillConfig:
     disc_betas: tuple = (0.0, 0.99)  # discriminator Adam betas
     disc_t_max: int = 500  # real and fake are re-noised to t_d ~ U[0, disc_t_max] before the discriminator (a flow
     # teacher: sigma ~ U[0, disc_t_max / T])
-    adv_last_step: bool = False  # flash: the adversarial term (and the discriminator's fakes) on the last student
-    # step's x0_hat only, not on every step's (the paper's)
+    adv_step_weights: tuple | None = None  # flash: weight of each student step i's adversarial term and of its
+    # samples as the discriminator's fakes (None: 1 each, the paper's); e.g. [0, 0, 3]: the last step only
     disc_r1: float = 0.0  # weight of the approximated R1 penalty on real inputs (APT: (D(x) - D(x + sigma n))^2,
     # its 100); 0: none, the paper's
     disc_r1_sigma: float = 0.01  # the perturbation's std for disc_r1 (APT's 0.01), in the discriminator's input units

@@ -107,8 +107,7 @@ class FlashLoss(Method):
                  reconstruction: str = "srl", noise_correction: bool = True,
                  gamma_table=((900, 990), (500, 950), (-1, 200)), step_weights: Sequence[float] | None = None,
                  all_steps: bool = False, recon_weight: str = "none", prediction_type: str | None = None,
-                 target_solver: str = "ddim", adv_last_step: bool = False):
-        self.adv_last_step = adv_last_step
+                 target_solver: str = "ddim", adv_step_weights: Sequence[float] | None = None):
         if reconstruction not in ("srl", "eq7", "srl+eq7", "none"):
             raise ValueError(f"reconstruction must be 'srl', 'eq7', 'srl+eq7' or 'none', not {reconstruction!r}")
         if recon_weight not in ("none", "snr"):
@@ -120,6 +119,9 @@ class FlashLoss(Method):
         if step_weights is not None and len(step_weights) != len(timesteps):
             raise ValueError(f"recon_step_weights has {len(step_weights)} weights for {len(timesteps)} student steps")
         self.step_weights = None if step_weights is None else torch.tensor([float(w) for w in step_weights])
+        if adv_step_weights is not None and len(adv_step_weights) != len(timesteps):
+            raise ValueError(f"adv_step_weights has {len(adv_step_weights)} weights for {len(timesteps)} student steps")
+        self.adv_step_weights = None if adv_step_weights is None else torch.tensor([float(w) for w in adv_step_weights])
         self.schedule, self.timesteps, self.k = schedule, list(timesteps), k
         self.backward, self.reconstruction, self.noise_correction = backward, reconstruction, noise_correction
         self.gamma_table = tuple(tuple(p) for p in gamma_table)
@@ -129,9 +131,11 @@ class FlashLoss(Method):
 
     @classmethod
     def validate(cls, cfg) -> None:
-        w, n = cfg.recon_step_weights, len(cls.timesteps(cfg))
-        if w is not None and (len(w) != n or min(w) < 0):
-            raise OptionError("recon_step_weights", w, f"method flash takes one weight >= 0 per student step ({n})")
+        n = len(cls.timesteps(cfg))
+        for name in ("recon_step_weights", "adv_step_weights"):
+            w = getattr(cfg, name)
+            if w is not None and (len(w) != n or min(w) < 0):
+                raise OptionError(name, w, f"method flash takes one weight >= 0 per student step ({n})")
 
     @classmethod
     def timesteps(cls, cfg, schedule=None) -> list:
@@ -147,7 +151,7 @@ class FlashLoss(Method):
                    noise_correction=cfg.noise_correction, gamma_table=cfg.gamma_table,
                    step_weights=cfg.recon_step_weights, all_steps=all_steps, recon_weight=cfg.recon_weight,
                    prediction_type=student_prediction(cfg), target_solver=cfg.target_solver,
-                   adv_last_step=cfg.adv_last_step)
+                   adv_step_weights=cfg.adv_step_weights)
 
     def image_need(self) -> str:
         return "backward=False (forward distillation noises real images; --set backward=true)"
@@ -164,9 +168,8 @@ class FlashLoss(Method):
         inp = self.student_input(models.rollout, x0_real, cond, gen)
         x0_hat = predict(student, inp.x_t, inp.t, cond, self.schedule).x0  # gradients flow only through this
         out = {"x0_student": x0_hat}
-        if self.adv_last_step:  # the discriminator judges (and learns from) the last step's x0_hat only
-            last = (inp.step_index == len(self.timesteps) - 1).to(x0_hat)
-            out["adv_weight"] = last / last.mean().clamp_min(1 / len(last))
+        if self.adv_step_weights is not None:  # per sample, by its student step: the adversarial term's weight
+            out["adv_weight"] = self.adv_step_weights.to(x0_hat)[inp.step_index]
         if self.reconstruction == "srl":
             target, _ = srl_target(teacher, x0_hat, inp.t, cond, self.schedule, self.k, gen, self.gamma_table,
                                    self.solve)

@@ -46,8 +46,8 @@ class Method:
             raise OptionError("target_solver", cfg.target_solver, "only method flash takes it")
         if cfg.student_prediction != "teacher":
             raise OptionError("student_prediction", cfg.student_prediction, "only method flash takes it")
-        if cfg.adv_last_step:
-            raise OptionError("adv_last_step", cfg.adv_last_step, "only method flash takes it")
+        if cfg.adv_step_weights is not None:
+            raise OptionError("adv_step_weights", cfg.adv_step_weights, "only method flash takes them")
 
     @classmethod
     def timesteps(cls, cfg, schedule=None) -> list:
