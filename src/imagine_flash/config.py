@@ -209,7 +209,8 @@ class DistillConfig:
     rollout_weights: str = "live"  # which student weights run the no-grad rollout: 'live' or 'ema'
     batch_size: int = 32  # global batch (split across processes)
     grad_accum: int = 1  # micro-batches per update: batch_size stays the global batch of one update
-    lr: float = 1e-4  # student Adam learning rate (measured against 2e-4, see docs/distill_default.md)
+    lr: float = 1e-4  # student Adam learning rate. 2e-4 measured worse; 5e-5 better in FID (39.3 against 40.9 at 200
+    # updates) and worse in class accuracy (95.5% against 97.5%), as 3e-5 (docs/distill_default.md)
     adam_betas: tuple = (0.9, 0.999)  # student Adam betas
     adv_weight: float = 0.05  # weight of the adversarial generator term (0 turns the discriminator off). The
     # discriminator costs class accuracy: 0.02 gave +1.3 points of it for +1.8 FID; it is also most of what makes
