@@ -279,8 +279,8 @@ def test_frozen_unet_discriminator_trains_only_its_heads(tmp_path, tiny_teacher,
     when the discriminator sees the last student step's samples only)."""
     from imagine_flash.train import distill
 
-    distill(_cfg(tmp_path / "run", tiny_teacher, max_steps=2, disc_type="unet-frozen", adv_step_weights=adv_step_weights,
-                 batch_size=8), dataset=small_data)
+    distill(_cfg(tmp_path / "run", tiny_teacher, max_steps=2, disc_type="unet-frozen",
+                 adv_step_weights=adv_step_weights, batch_size=8), dataset=small_data)
     disc = load_file(latest(tmp_path / "run") / "disc.safetensors")
     teacher = load_file(tiny_teacher / "unet" / "diffusion_pytorch_model.safetensors")
     enc = {k[4:]: v for k, v in disc.items() if k.startswith("enc.")}

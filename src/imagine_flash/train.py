@@ -60,7 +60,7 @@ def generator_step(method, models: Models, x0_real, cond, gen, adv, adv_weight: 
     if "recon" in out:
         losses["recon"] = out["recon"].mean()
         total = total + losses["recon"]
-    w = out.get("adv_weight")  # (B,) a method's per-sample weights of the adversarial term (mean 1), or None
+    w = out.get("adv_weight")  # (B,) a method's per-sample weights of the adversarial term, or None (1 each)
     if adv is not None and adv_weight > 0:
         disc = getattr(models.disc, "module", models.disc)  # the bare module: no DDP gradient hooks here
         flags = [p.requires_grad for p in disc.parameters()]

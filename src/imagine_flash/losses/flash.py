@@ -89,6 +89,15 @@ def srl_eq7_target(teacher, x0_student: torch.Tensor, x_t: torch.Tensor, t: torc
     return target.clone()
 
 
+def _per_step(name: str, weights: Sequence[float] | None, n: int) -> torch.Tensor | None:
+    """One weight per student step as a tensor to index by step, or None (1 each)."""
+    if weights is None:
+        return None
+    if len(weights) != n:
+        raise ValueError(f"{name} has {len(weights)} weights for {n} student steps")
+    return torch.tensor([float(w) for w in weights])
+
+
 class FlashLoss(Method):
     """Imagine Flash (Kohler et al. 2024): per-sample ||target - x0_hat_Theta||^2 with a backward-distilled input.
 
@@ -116,12 +125,8 @@ class FlashLoss(Method):
         if target_solver not in TARGET_SOLVERS:
             raise ValueError(f"target_solver must be one of {sorted(TARGET_SOLVERS)}, not {target_solver!r}")
         self.solve = TARGET_SOLVERS[target_solver]
-        if step_weights is not None and len(step_weights) != len(timesteps):
-            raise ValueError(f"recon_step_weights has {len(step_weights)} weights for {len(timesteps)} student steps")
-        self.step_weights = None if step_weights is None else torch.tensor([float(w) for w in step_weights])
-        if adv_step_weights is not None and len(adv_step_weights) != len(timesteps):
-            raise ValueError(f"adv_step_weights has {len(adv_step_weights)} weights for {len(timesteps)} student steps")
-        self.adv_step_weights = None if adv_step_weights is None else torch.tensor([float(w) for w in adv_step_weights])
+        self.step_weights = _per_step("recon_step_weights", step_weights, len(timesteps))
+        self.adv_step_weights = _per_step("adv_step_weights", adv_step_weights, len(timesteps))
         self.schedule, self.timesteps, self.k = schedule, list(timesteps), k
         self.backward, self.reconstruction, self.noise_correction = backward, reconstruction, noise_correction
         self.gamma_table = tuple(tuple(p) for p in gamma_table)
