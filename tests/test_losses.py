@@ -1,6 +1,7 @@
 """Flash loss terms on tiny callables, against expectations built by hand."""
 import math
 
+import pytest
 import torch
 
 from imagine_flash.denoisers import Cond, Denoiser
@@ -234,6 +235,38 @@ def test_approx_r1_by_hand():
     d_r1 = (x_real.square().flatten(1).sum(1) - (x_real + 0.1 * n).square().flatten(1).sum(1)).square()
     torch.testing.assert_close(d, plain + 100.0 * d_r1)
     assert (d_r1 > 0).all()
+
+
+def test_disc_mismatch_by_hand():
+    """disc_mismatch: + m * relu(1 + D(x_real, the prompts rolled by one)), on the same noised real inputs; no further
+    random draw; m = 0 calls the discriminator twice only."""
+    from imagine_flash.losses.discriminator import HingeAdversarial
+
+    calls = []
+
+    def disc(x, t, c):  # depends on the image and on its prompt: prompt k matches images of mean k / 10
+        calls.append(c.hidden[:, 0, 0].clone())
+        return 1 - 20 * (x.flatten(1).mean(1) - c.hidden[:, 0, 0] / 10).abs()
+
+    real = torch.tensor([0.1, 0.5, 0.9]).view(3, 1, 1, 1).expand(3, 1, 2, 2)
+    fake = torch.zeros(3, 1, 2, 2)
+    cond = Cond(torch.tensor([1.0, 5.0, 9.0]).view(3, 1, 1).expand(3, 2, 4))
+    g0 = torch.Generator().manual_seed(0)
+    plain = HingeAdversarial(S, t_max=0).discriminator(disc, real, fake, cond, cond, g0)
+    assert len(calls) == 2
+    g1 = torch.Generator().manual_seed(0)
+    d = HingeAdversarial(S, t_max=0, mismatch=0.5).discriminator(disc, real, fake, cond, cond, g1)
+    assert torch.equal(g0.get_state(), g1.get_state())  # no further draw
+    torch.testing.assert_close(calls[-1], torch.tensor([9.0, 1.0, 5.0]))  # each image with the previous prompt
+    g = torch.Generator().manual_seed(0)
+    torch.randint(0, 1, (3,), generator=g)
+    eps = torch.randn((3, 1, 2, 2), generator=g)
+    x_real = math.sqrt(abar(0)) * real + math.sqrt(1 - abar(0)) * eps
+    d_wrong = 1 - 20 * (x_real.flatten(1).mean(1) - torch.tensor([0.9, 0.1, 0.5])).abs()
+    torch.testing.assert_close(d, plain + 0.5 * torch.relu(1 + d_wrong))
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        HingeAdversarial(S, t_max=0, mismatch=1.0).discriminator(disc, real[:1], fake[:1], cond[:1], cond[:1],
+                                                                  torch.Generator().manual_seed(0))
 
 
 def test_adv_step_weights_weigh_each_sample_by_its_step():

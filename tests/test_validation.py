@@ -22,7 +22,7 @@ BAD_DISTILL = {
     "gamma_table": [[900, 1000]], "recon_step_weights": [1.0, -1.0, 1.0], "guidance_scale": -1.0, "embedded_guidance": -1.0,
     "rollout_weights": "best", "batch_size": 0, "grad_accum": 0, "lr": 0.0, "adam_betas": [0.9, 1.0],
     "adv_weight": -0.1, "disc_lr": -1e-4, "disc_betas": [0.0], "disc_t_max": 1000, "disc_r1": -1.0,
-    "disc_r1_sigma": 0.0, "adv_step_weights": [1.0, -1.0, 1.0], "disc_warmup": -1,
+    "disc_r1_sigma": 0.0, "disc_mismatch": -1.0, "adv_step_weights": [1.0, -1.0, 1.0], "disc_warmup": -1,
     "disc_type": "stylegan", "disc_features": "", "max_steps": 0, "max_minutes": -1.0, "ema_decay": 1.0,
     "grad_clip": -1.0,
     "mixed_precision": "fp8", "lora_rank": -1, "lora_alpha": 0.0, "lora_targets": [], "optimizer": "sgd",

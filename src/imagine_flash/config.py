@@ -224,6 +224,8 @@ class DistillConfig:
     disc_r1: float = 0.0  # weight of the approximated R1 penalty on real inputs (APT: (D(x) - D(x + sigma n))^2,
     # its 100); 0: none, the paper's
     disc_r1_sigma: float = 0.01  # the perturbation's std for disc_r1 (APT's 0.01), in the discriminator's input units
+    disc_mismatch: float = 0.0  # weight of the matching-aware term (GAN-INT-CLS): real images with another sample's
+    # prompt count as fakes, so the discriminator judges the prompt too; 0: none, the paper's
     disc_warmup: int = 0  # steps before the adversarial term enters the generator loss
     disc_type: str = "unet"  # 'unet': the teacher U-Net's encoder, trained (§5.1; SD3/FLUX: the transformer's first
     # blocks, frozen, with heads); 'unet-frozen': that encoder frozen, heads only (the teacher's features, as LADD);

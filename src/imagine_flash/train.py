@@ -168,7 +168,8 @@ def build_run(cfg: DistillConfig, resume: bool = False, teacher_bundle=None, dat
         save_config(cfg, run / "config.json")
     # Discriminator (a float32 copy of the teacher's encoder, taken before a LoRA student changes that UNet), student
     # (a copy of the teacher, or LoRA on it), EMA, optimisers.
-    adv = HingeAdversarial(schedule, cfg.disc_t_max, cfg.disc_r1, cfg.disc_r1_sigma) if cfg.adv_weight > 0 else None
+    adv = HingeAdversarial(schedule, cfg.disc_t_max, cfg.disc_r1, cfg.disc_r1_sigma,
+                           cfg.disc_mismatch) if cfg.adv_weight > 0 else None
     with torch.random.fork_rng(devices=[]):  # the heads' and LoRA's init depend on the seed only
         torch.manual_seed(cfg.seed)
         disc = _build_discriminator(cfg, teacher_unet, text, encoder).to(backend.device) if adv else None

@@ -101,6 +101,7 @@ def distill_rules(T: int = 1000, flow: bool = False) -> dict[str, Rule]:
         # the discriminator
         "adv_weight": at_least(0), "disc_lr": RATE, "disc_betas": BETAS, "disc_t_max": timestep,
         "adv_step_weights": items(float, at_least(0)), "disc_r1": at_least(0), "disc_r1_sigma": RATE,
+        "disc_mismatch": at_least(0),
         "disc_warmup": COUNT, "disc_type": one_of("unet", "unet-frozen", "projected"), "disc_features": NONEMPTY,
         # cadences and the evaluation
         "ckpt_every": POSITIVE, "sample_every": POSITIVE, "log_every": POSITIVE,

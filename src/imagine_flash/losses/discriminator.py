@@ -119,10 +119,15 @@ class HingeAdversarial:
 
     r1 > 0 adds r1 * approx_r1 on the real inputs, perturbed by r1_sigma * n: a finite-difference stand-in for the
     R1 gradient penalty (Mescheder et al. 2018) that needs no double backward through the discriminator.
+    mismatch > 0 adds mismatch * relu(1 + D(real, another sample's prompt)): the matching-aware discriminator of
+    GAN-INT-CLS (Reed et al. 2016), which must then judge the image *and* its prompt, and so pushes the generator
+    towards its prompt too. The other prompt is the batch's rolled by one (no random draw).
     """
 
-    def __init__(self, schedule: Schedule, t_max: int = 500, r1: float = 0.0, r1_sigma: float = 0.01):
+    def __init__(self, schedule: Schedule, t_max: int = 500, r1: float = 0.0, r1_sigma: float = 0.01,
+                 mismatch: float = 0.0):
         self.schedule, self.t_max, self.r1, self.r1_sigma = schedule, t_max, r1, r1_sigma
+        self.mismatch = mismatch
 
     def _noised(self, x0: torch.Tensor, gen: torch.Generator):
         B = x0.shape[0]
@@ -138,7 +143,8 @@ class HingeAdversarial:
 
     def discriminator(self, disc, x0_real: torch.Tensor, x0_fake: torch.Tensor, cond_real: Cond, cond_fake: Cond,
                       gen: torch.Generator, fake_weight: torch.Tensor | None = None) -> torch.Tensor:
-        """Discriminator hinge loss: relu(1 - D(real)) + w relu(1 + D(fake)) (+ r1 * approx_r1). Per sample (B,)."""
+        """Discriminator hinge loss: relu(1 - D(real)) + w relu(1 + D(fake)) (+ r1 * approx_r1, + mismatch *
+        relu(1 + D(real, rolled prompts))). Per sample (B,)."""
         t_d, eps = self._noised(x0_real, gen)
         a, s = self.schedule.alpha(t_d), self.schedule.sigma(t_d)
         t_net = self.schedule.net_t(t_d)  # the network's timestep input (sigma * T on a flow path)
@@ -150,4 +156,10 @@ class HingeAdversarial:
         if self.r1 > 0:  # drawn only then: runs without it keep their random stream
             n = randn(x0_real.shape, gen).to(x0_real)
             loss = loss + self.r1 * approx_r1(d_real, disc(x_real + self.r1_sigma * n, t_net, cond_real))
+        if self.mismatch > 0:
+            if x0_real.shape[0] < 2:
+                raise ValueError("disc_mismatch needs at least 2 samples per micro-batch (it pairs each real image "
+                                 "with another sample's prompt)")
+            wrong = cond_real[torch.roll(torch.arange(x0_real.shape[0], device=x0_real.device), 1)]
+            loss = loss + self.mismatch * torch.relu(1 + disc(x_real, t_net, wrong))
         return loss
