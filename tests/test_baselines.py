@@ -177,6 +177,29 @@ def test_flash_trains_200_updates_by_default_and_the_user_and_presets_win():
         assert load_yaml(root / "configs" / preset)["max_steps"] == 600
 
 
+def test_flash_defaults_to_a_matching_aware_discriminator_and_the_cards_target_cfg():
+    """flash's METHODS default disc_mismatch = 1 (the others keep 0, the user wins); the targets' CFG is the teacher
+    card's distill_guidance_scale for the method (the shipped card: flash 2.0), else the teacher's own; the presets of
+    older results and the paper's keep 0 and CFG 3."""
+    from imagine_flash.config import load_yaml
+    from imagine_flash.models import read_meta
+    from imagine_flash.train import target_guidance_scale
+
+    assert apply_method_defaults(DistillConfig()).disc_mismatch == 1.0
+    assert all(apply_method_defaults(DistillConfig(method=m)).disc_mismatch == 0 for m in ("lcm", "add", "progressive"))
+    assert apply_method_defaults(DistillConfig(disc_mismatch=0.0), {"disc_mismatch"}).disc_mismatch == 0.0
+    card = {"guidance_scale": 7.5, "distill_guidance_scale": {"flash": 4.0}}
+    assert target_guidance_scale(card, "flash") == 4.0 and target_guidance_scale(card, "lcm") == 7.5
+    assert target_guidance_scale({"guidance_scale": 5.0}, "flash") == 5.0
+    shipped = read_meta(Path(__file__).resolve().parents[1] / "src" / "imagine_flash" / "assets" / "teacher")
+    assert shipped["guidance_scale"] == 3.0 and target_guidance_scale(shipped, "flash") == 2.0
+    assert target_guidance_scale(shipped, "lcm") == 3.0
+    root = Path(__file__).resolve().parents[1]
+    for preset in ("paper.yaml", "flash_16px.yaml", "flash_1step.yaml"):
+        assert (load_yaml(root / "configs" / preset)["disc_mismatch"], load_yaml(root / "configs" / preset)[
+            "guidance_scale"]) == (0.0, 3.0)
+
+
 def test_the_benchmarks_one_step_flash_student_is_the_one_step_preset():
     """flash-1 in the benchmark trains configs/flash_1step.yaml's v-predicting student (at the protocol's budget); the
     other students take their method's defaults."""

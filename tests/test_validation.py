@@ -119,6 +119,7 @@ def test_pretrain_refuses_every_bad_field(tmp_path, capsys, no_work, name, value
     (["--set", "k=0"], ["k=0", ">= 1"]),
     (["--set", "noise_correction=maybe"], ["noise_correction", "from --set"]),
     (["--set", "batch_size=6", "--set", "grad_accum=4"], ["batch_size=6", "grad_accum=4"]),
+    (["--set", "batch_size=2", "--set", "grad_accum=2"], ["disc_mismatch=1.0 (default)", "2+ samples per micro-batch"]),
     (["--set", "recon_step_weights=[1,1]"], ["recon_step_weights", "(3)"]),
     (["--set", "adv_step_weights=[0,3]"], ["adv_step_weights", "(3)"]),
     (["--method", "lcm", "--set", "lcm_ddim_timesteps=2"], ["student_steps=3", "lcm_ddim_timesteps=2"]),

@@ -89,6 +89,10 @@ class Backend:
         if self.batch_size % (self.world * self.accum):
             raise ConfigError(f"batch_size={self.batch_size} must be divisible by processes x grad_accum = "
                               f"{self.world * self.accum}")
+        if cfg.adv_weight > 0 and getattr(cfg, "disc_mismatch", 0) > 0 and self.batch_size < 2 * self.world * self.accum:
+            raise ConfigError(f"disc_mismatch={cfg.disc_mismatch} pairs each real image with another sample's prompt, "
+                              f"but a micro-batch holds {self.batch_size // (self.world * self.accum)} sample: a larger "
+                              "batch_size, or --set disc_mismatch=0")
 
     @property
     def rollout_all_steps(self) -> bool:

@@ -134,7 +134,7 @@ def cmd_distill(args) -> None:
     from pathlib import Path
 
     from .backend import is_main_process
-    from .config import DistillConfig, apply_method_defaults, resolve_variant, run_name
+    from .config import ConfigError, DistillConfig, apply_method_defaults, resolve_variant, run_name
     from .models import teacher_path
     from .pipelines import HUB_ID
     from .validation import check_installed, check_pretrained, teacher_facts, validate, where
@@ -154,6 +154,10 @@ def cmd_distill(args) -> None:
     if "out" not in explicit:
         cfg.out = run_name(cfg)
     cfg = resolve_variant(cfg, explicit)
+    if cfg.adv_weight > 0 and cfg.disc_mismatch > 0 and cfg.batch_size < 2 * cfg.grad_accum:  # with method defaults
+        raise ConfigError(f"disc_mismatch={cfg.disc_mismatch} ({where(sources, 'disc_mismatch')}) pairs each real "
+                          "image with another sample's prompt: it needs 2+ samples per micro-batch (a larger "
+                          "batch_size, or --set disc_mismatch=0)")
     cfg = _run_folder(args, DistillConfig, cfg, explicit, sources)
     # Optional features that need something this machine may lack: refused now, not after the teacher has loaded.
     if cfg.disc_type == "projected" and cfg.adv_weight > 0:

@@ -80,6 +80,12 @@ def discriminator_step(adv, disc, x0_real, x0_fake, cond, gen, fake_weight=None)
     return adv.discriminator(disc, x0_real, x0_fake, cond, cond, gen, fake_weight).mean()
 
 
+def target_guidance_scale(meta: dict, method: str) -> float:
+    """The CFG scale of a method's targets when the run sets none: the teacher card's distill_guidance_scale for the
+    method (measured on that teacher), else the teacher's own guidance_scale."""
+    return float(meta.get("distill_guidance_scale", {}).get(method, meta.get("guidance_scale", 3.0)))
+
+
 def check_prompts_only(cfg: DistillConfig, method: Method) -> None:
     """Refuse, in one line, a run that needs real images when the dataset has none: the method says whether it does
     (Method.needs_images), and the discriminator always does."""
@@ -142,7 +148,7 @@ def build_run(cfg: DistillConfig, resume: bool = False, teacher_bundle=None, dat
     teacher_unet = bundle.unet.to(backend.device).eval().requires_grad_(False)
     schedule, encoder, text = make_schedule(**bundle.schedule_config), bundle.encoder, bundle.text
     if cfg.guidance_scale is None:
-        cfg = dataclasses.replace(cfg, guidance_scale=float(bundle.meta.get("guidance_scale", 3.0)))
+        cfg = dataclasses.replace(cfg, guidance_scale=target_guidance_scale(bundle.meta, cfg.method))
     if bundle.resolution % encoder.downscale:
         raise ConfigError(f"resolution={bundle.resolution} is not a multiple of the VAE's downscale "
                           f"{encoder.downscale}")
