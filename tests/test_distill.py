@@ -1,6 +1,7 @@
 """Tiny end-to-end runs of the training loop and the CLI: resume equality, bad input, NaN stop, metrics."""
 import dataclasses
 import json
+import shutil
 
 import pytest
 import torch
@@ -108,8 +109,13 @@ def test_cli_rejects_non_eps_teacher(tmp_path, tiny_teacher, capsys):
 def test_cli_distill_end_to_end(tmp_path, tiny_teacher, monkeypatch):
     """Two student updates through the CLI, then metrics.json, the comparison grid and a sample from the student."""
     monkeypatch.setenv("IMAGINE_FLASH_CACHE", str(tmp_path / "cache"))
+    teacher = tmp_path / "teacher"  # a card that gives flash's targets their own CFG scale (as the shipped one does)
+    shutil.copytree(tiny_teacher, teacher)
+    card = json.loads((teacher / "imagine_flash.json").read_text())
+    (teacher / "imagine_flash.json").write_text(json.dumps({**card, "distill_guidance_scale": {"flash": 2.5}}))
+    assert card.get("guidance_scale", 3.0) != 2.5
     out = tmp_path / "run"
-    rc = main(["distill", "--teacher", str(tiny_teacher), "--out", str(out), "--max-steps", "2", "--eval-samples", "8",
+    rc = main(["distill", "--teacher", str(teacher), "--out", str(out), "--max-steps", "2", "--eval-samples", "8",
                "--student-steps", "2", "--set", "batch_size=4", "--set", "k=2", "--set", "fid_reference=16",
                "--set", "eval_batch=8", "--set", "sample_every=2"])
     assert rc == 0
@@ -123,6 +129,7 @@ def test_cli_distill_end_to_end(tmp_path, tiny_teacher, monkeypatch):
     assert (out / "comparison.png").is_file() and (out / "samples" / "step000002.png").is_file()
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["student_steps"] == 2 and cfg["max_steps"] == 2
+    assert cfg["guidance_scale"] == m["teacher"]["guidance_scale"] == 2.5  # the card's; the teacher row at it
     from imagine_flash.pipelines import resolve_dtype  # train.json records what teacher_dtype=auto became here
     assert json.loads((out / "train.json").read_text())["teacher_dtype"] == str(resolve_dtype("auto", "cpu"))[6:]
     # The student loads with the sample command, and the same seed gives identical PNG bytes.

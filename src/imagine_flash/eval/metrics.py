@@ -2,6 +2,8 @@
 metrics.json."""
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 from pathlib import Path
@@ -87,6 +89,8 @@ def evaluate_run(cfg, student_path: str | Path) -> dict:
     set_threads(cfg.threads)
     run = Path(cfg.out)
     student = ModelRunner(student_path)
+    if cfg.guidance_scale is None:  # the teacher row at the CFG the student's targets used (its card's, or its own)
+        cfg = dataclasses.replace(cfg, guidance_scale=student.meta.get("teacher_guidance_scale"))
     teacher = ModelRunner(cfg.teacher, text=student.text)
     inception, classifier = InceptionFeatures(), load_classifier()
     kw = dict(fid_reference=cfg.fid_reference, batch=cfg.eval_batch, inception=inception, classifier=classifier)
@@ -131,6 +135,7 @@ def teacher_row(teacher, cfg, kw: dict) -> tuple[dict, torch.Tensor]:
         _, seconds = timed_samples(teacher, eval_prompts(m)[0], cfg.eval_batch, steps=steps, guidance_scale=gs)
         return {**row, "ms_per_image": 1000.0 * seconds / m, "cached": str(row_file)}, images
     row, images = evaluate_model(teacher, n, steps=steps, guidance_scale=gs, **kw)
+    row["guidance_scale"] = float(teacher.meta.get("guidance_scale", 3.0)) if gs is None else float(gs)
     images = images[grid(len(images))].contiguous()
     if key:
         folder.mkdir(parents=True, exist_ok=True)
