@@ -3,7 +3,6 @@ metrics.json."""
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import os
 from pathlib import Path
